@@ -1,0 +1,161 @@
+r"""Pre-training configs for pixssl_jax.
+
+Run a preset with:
+
+  python -m pixssl_jax.main --config configs/pretrain.py:demo --workdir runs/demo
+
+Presets (the part after the colon):
+  tiny     a few-second 2-D run on tiny phantoms, used by the tests.
+  demo     the default: 2-D 128x128 axial slices of the embedded phantom dataset; about 5 minutes
+           on 2 CPU cores.
+  btcv_3d  3-D 96^3 patches from a local prepared store:
+             --config.data.data_dir=/path/to/store (see README "Preparing a real dataset").
+  tpu_pod  btcv_3d at pod scale: the global batch spread over all chips, bf16 compute, fp32 params.
+
+Every field can be overridden on the command line (`--config.num_steps=50`,
+`--config.method.weighting=kendall`); unknown keys are an error. Fields marked [paper] are fixed
+by Zhang & Zhang (arXiv 2210.00646); the rest are our defaults (see ../docs/method.md).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def _data_config() -> ml_collections.ConfigDict:
+  """Where volumes come from and how the two views are made."""
+  data = ml_collections.ConfigDict()
+  # A prepared store (`python -m pixssl_jax.data.prepare`); None means the embedded phantom
+  # dataset, generated and prepared into `cache_dir` on first use.
+  data.data_dir = config_dict.placeholder(str)
+  data.cache_dir = config_dict.placeholder(str)  # None -> $PIXSSL_CACHE or ~/.cache/pixssl_jax.
+  data.num_phantoms = 24
+  data.phantom_seed = 0
+  data.phantom_shape_scale = 1.0
+  data.ndim = 2  # 2: axial slices; 3: 3-D patches.
+  data.patch_size = (128, 128)
+  # Spatial augmentation [default]: overlapping random crops, flips, axial rot90.
+  data.min_overlap = 0.3
+  data.scale_range = (0.8, 1.25)
+  data.flip = True
+  data.rot90 = True
+  # Intensity augmentation [default], applied independently to each view.
+  data.intensity = ml_collections.ConfigDict()
+  data.intensity.enabled = True
+  data.intensity.prob = 0.8
+  data.intensity.window_jitter = 0.1
+  data.intensity.brightness = 0.1
+  data.intensity.contrast = 0.2
+  data.intensity.gamma = 0.3
+  data.intensity.noise_std = 0.03
+  data.intensity.blur_sigma = (0.0, 1.0)
+  # Input pipeline resources: 0 workers is fastest on small hosts; use 8+ on accelerator hosts.
+  data.worker_count = 0
+  data.read_threads = 2
+  data.prefetch_buffer_size = 4
+  return data
+
+
+def _model_config() -> ml_collections.ConfigDict:
+  """The U-Net backbone and the heads."""
+  model = ml_collections.ConfigDict()
+  model.features = (16, 32, 64, 128)  # Channels per U-Net level; len = number of levels.
+  model.num_groups = 8  # GroupNorm groups [default: no batch statistics].
+  model.dtype = 'float32'  # Compute dtype; parameters are always float32.
+  model.proj_hidden = 256  # Global projector/predictor MLP [default: BYOL shape, smaller].
+  model.proj_dim = 128
+  model.pixel_level = 2  # Decoder level of the pixel features: stride 2**pixel_level.
+  model.pixel_proj_dim = 64
+  model.stabilizer_hidden = 128  # Context stabilizer: 1x1-conv MLP with dropout [default].
+  model.stabilizer_dropout = 0.1
+  return model
+
+
+def _method_config() -> ml_collections.ConfigDict:
+  """Loss terms, MC dropout and uncertainty weighting (see ../shared/METHOD.md)."""
+  method = ml_collections.ConfigDict()
+  method.use_global = True  # Global consistency [paper].
+  method.use_pixel = True  # Pixel consistency [paper].
+  method.use_stabilizer = True  # Context stabilizer [paper]; False: compare projections directly.
+  method.mc_samples = 8  # K dropout samples [default]; 1: no MC dropout, no uncertainty.
+  method.weighting = 'exp'  # 'exp' [default] | 'kendall' | 'threshold' | 'none'.
+  method.tau = 0.1  # Temperature of the 'exp' weighting.
+  method.kendall_eps = 1e-6
+  method.threshold_start = 0.75  # 'threshold' form: u < t kept; t ramps start -> end.
+  method.threshold_end = 1.0
+  method.lambda_global = 1.0
+  method.lambda_pixel = 1.0
+  return method
+
+
+def _optim_config() -> ml_collections.ConfigDict:
+  optim = ml_collections.ConfigDict()
+  optim.name = 'adamw'  # 'adamw' | 'lars'.
+  optim.learning_rate = 1e-3  # Peak, for the global batch.
+  optim.warmup_steps = 20
+  optim.weight_decay = 1e-4
+  optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
+  optim.ema_momentum = 0.996  # Teacher momentum m0, cosine-ramped to 1 [default: BYOL].
+  return optim
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the pre-training config for `preset` (default 'demo')."""
+  preset = preset or 'demo'
+  config = ml_collections.ConfigDict()
+  config.mode = 'pretrain'
+  config.preset = preset
+  config.seed = 0
+  config.num_steps = 300
+  config.batch_size = 8  # Global batch, over all processes and devices.
+  config.log_every = 10
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 3
+  config.data = _data_config()
+  config.model = _model_config()
+  config.method = _method_config()
+  config.optim = _optim_config()
+
+  if preset == 'tiny':
+    config.num_steps = 4
+    config.batch_size = 8
+    config.log_every = 1
+    config.checkpoint_every = 2
+    config.data.num_phantoms = 6
+    config.data.phantom_shape_scale = 0.4
+    config.data.patch_size = (32, 32)
+    config.model.features = (8, 16, 32)
+    config.model.num_groups = 4
+    config.model.proj_hidden = 32
+    config.model.proj_dim = 16
+    config.model.pixel_level = 1
+    config.model.pixel_proj_dim = 16
+    config.model.stabilizer_hidden = 32
+    config.method.mc_samples = 4
+    config.optim.warmup_steps = 2
+  elif preset == 'demo':
+    pass
+  elif preset in ('btcv_3d', 'tpu_pod'):
+    config.data.ndim = 3
+    config.data.patch_size = (96, 96, 96)
+    config.model.features = (32, 64, 128, 256)
+    config.model.proj_hidden = 1024
+    config.model.proj_dim = 256
+    config.model.pixel_proj_dim = 128
+    config.model.stabilizer_hidden = 256
+    config.num_steps = 20_000
+    config.batch_size = 8
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 1000
+    config.data.worker_count = 8
+    if preset == 'tpu_pod':
+      config.batch_size = 256  # Global: e.g. 4 per chip on a v5e-64.
+      config.model.dtype = 'bfloat16'
+      config.optim.learning_rate = 2e-3
+      config.data.worker_count = 16
+  else:
+    raise ValueError(
+        f'Unknown preset {preset!r} for configs/pretrain.py; '
+        "choose one of 'tiny', 'demo', 'btcv_3d', 'tpu_pod'.")
+  return config

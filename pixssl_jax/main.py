@@ -1,0 +1,78 @@
+r"""Command-line entry point: pre-train (and later fine-tune and evaluate) from a config file.
+
+  python -m pixssl_jax.main --config configs/pretrain.py:demo --workdir runs/demo \
+      [--config.num_steps=50] [--config.data.data_dir=/path/to/store]
+
+Multi-process (one process per host): on Cloud TPU `jax.distributed.initialize()` finds
+everything itself; elsewhere pass --coordinator_address/--num_processes/--process_id, or set
+JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or run under SLURM.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file with an optional preset, e.g. configs/pretrain.py:demo.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (local or gs://).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _distributed_settings() -> dict | None:
+  """Coordinator, process count and index from flags, then env vars, then SLURM; else None.
+
+  Returns {} on a Cloud TPU pod (TPU_WORKER_HOSTNAMES set), where jax finds everything itself.
+  """
+  env = os.environ
+  address = _COORDINATOR.value or env.get('JAX_COORDINATOR_ADDRESS')
+  count = _NUM_PROCESSES.value or env.get('JAX_NUM_PROCESSES') or env.get('SLURM_NTASKS')
+  index = _PROCESS_ID.value
+  if index is None:
+    index = env.get('JAX_PROCESS_ID', env.get('SLURM_PROCID'))
+  if address and count is not None and int(count) > 1:
+    if index is None:
+      raise app.UsageError('--process_id (or JAX_PROCESS_ID) is required with --num_processes.')
+    return dict(coordinator_address=address, num_processes=int(count), process_id=int(index))
+  if 'SLURM_NTASKS' in env and int(env['SLURM_NTASKS']) > 1:
+    return {}  # jax's SLURM cluster detection derives the rest.
+  if len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
+    return {}  # A multi-host TPU slice.
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # After flag parsing, so --help is instant and env settings apply first.
+
+  settings = _distributed_settings()
+  if settings is not None:
+    jax.distributed.initialize(**settings)
+  config = _CONFIG.value
+  logging.info('Process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+
+  from pixssl_jax.train import config_checks
+  try:
+    if config.mode == 'pretrain':
+      from pixssl_jax.train import pretrain
+      pretrain.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      raise config_checks.ConfigError(
+          f"config.mode={config.mode!r}: supported modes are 'pretrain'.")
+  except config_checks.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,91 @@
+"""Orbax checkpoints of the train state together with the data iterator's position.
+
+A checkpoint at step k holds: the TrainState after k steps (student, teacher, optimizer, step),
+the grain iterator state after k batches, and a small JSON item (`meta`) with the process count
+the iterator state belongs to. Randomness is folded from (seed, step), so nothing else is
+needed to replay a run exactly.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / 'checkpoints'
+
+
+def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager over `WORKDIR/checkpoints` keeping the last `keep` checkpoints.
+
+  Saves are asynchronous (the loop only waits for the device-to-host copy) and atomic: Orbax
+  writes into a temporary directory and renames it when complete, so a crash mid-save leaves the
+  previous checkpoint as the latest usable one.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data', 'meta'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         *, force: bool = False) -> bool:
+  """Saves state, iterator position and metadata as step `step` (all processes call this)."""
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      meta=ocp.args.JsonSave({'step': int(step), 'process_count': jax.process_count()}))
+  return manager.save(step, args=args, force=force)
+
+
+def abstract_like(state: Any) -> Any:
+  """Shape/dtype/sharding placeholders: restoring onto them reshards to today's devices."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state_template: Any,
+                   data_iterator: Any | None) -> tuple[Any, int, bool] | None:
+  """Restores the latest checkpoint, if any.
+
+  Args:
+    manager: from `make_manager`.
+    state_template: a state (or abstract state) with today's shardings; the checkpoint is
+      restored into these shardings whatever topology wrote it.
+    data_iterator: the freshly built grain iterator; its position is restored in place when the
+      checkpoint was written by the same number of processes. None restores the model only.
+
+  Returns:
+    None when there is no checkpoint; else (state, step, data_restored).
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  # Grain iterator state is per process count (PITFALLS): on another topology only the model
+  # state comes back and the caller rebuilds the data stream.
+  restore_data = (data_iterator is not None
+                  and meta.get('process_count') == jax.process_count())
+  items = {'state': ocp.args.StandardRestore(abstract_like(state_template))}
+  if restore_data:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored['state'], step, restore_data
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest complete checkpoint step in `workdir`, without building a manager."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return None
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps) if steps else None
+
+
+def is_local(path: str) -> bool:
+  return '://' not in os.fspath(path)

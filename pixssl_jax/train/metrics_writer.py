@@ -1,0 +1,84 @@
+"""What a person reads during a run: a progress line, TensorBoard scalars, metrics.jsonl.
+
+Only process 0 writes; the others get a writer that does nothing, so call sites need no
+`if jax.process_index() == 0`. TensorBoard event files come from tensorboardX, which needs no
+TensorFlow (flax's and clu's writers import it).
+"""
+
+import json
+import math
+import time
+from typing import Mapping
+
+from etils import epath
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m{secs:02d}s' if hours else f'{minutes}m{secs:02d}s'
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard and `metrics.jsonl` and prints a progress line.
+
+  Args:
+    workdir: the run directory; events go to `workdir/tensorboard`.
+    num_steps: total steps of the run, for the ETA.
+    voxels_per_step: input voxels consumed per step (both views, global batch), for voxels/s.
+    enabled: False on every process but 0.
+    print_fn: where progress lines go (tests capture it).
+  """
+
+  def __init__(self, workdir: str, *, num_steps: int, voxels_per_step: int,
+               enabled: bool = True, print_fn=print):
+    self._enabled = enabled
+    self._num_steps = num_steps
+    self._voxels_per_step = voxels_per_step
+    self._print = print_fn
+    self._last_time = None
+    self._last_step = None
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # Import only where it is used: process 0.
+      self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / 'tensorboard'))
+      self._jsonl = (epath.Path(workdir) / 'metrics.jsonl').open('a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = 'train') -> None:
+    """Logs `scalars` at `step` (the number of completed steps) and prints a progress line."""
+    if not self._enabled:
+      return
+    values = {f'{prefix}/{k}': float(v) for k, v in scalars.items()}
+    now = time.perf_counter()
+    if self._last_time is not None and step > self._last_step:
+      steps_per_sec = (step - self._last_step) / (now - self._last_time)
+      values[f'{prefix}/steps_per_sec'] = steps_per_sec
+      values[f'{prefix}/voxels_per_sec'] = steps_per_sec * self._voxels_per_step
+    self._last_time, self._last_step = now, step
+    for key, value in values.items():
+      self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+    self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
+    self._jsonl.flush()
+    self._print(self._progress_line(step, values, prefix))
+
+  def _progress_line(self, step: int, values: Mapping[str, float], prefix: str) -> str:
+    get = lambda k: values.get(f'{prefix}/{k}', float('nan'))
+    parts = [f'step {step}/{self._num_steps}', f"loss {get('loss'):.4f}",
+             f"(global {get('loss_global'):.4f}, pixel {get('loss_pixel'):.4f})",
+             f"unc {get('uncertainty_mean'):.2e}", f"lr {get('lr'):.2e}"]
+    rate = values.get(f'{prefix}/steps_per_sec')
+    if rate:
+      eta = (self._num_steps - step) / rate
+      parts.append(f'{rate:.2f} steps/s, {rate * self._voxels_per_step / 1e6:.2f} Mvox/s, '
+                   f'ETA {_format_duration(eta)}')
+    return ' | '.join(parts)
+
+  def close(self) -> None:
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()

@@ -1,0 +1,167 @@
+"""The pre-training loop: data, state, the jitted step, checkpoints, logs, preemption."""
+
+import json
+import math
+import signal
+import threading
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from pixssl_jax.data import case_store
+from pixssl_jax.data import default_dataset
+from pixssl_jax.data import pipeline
+from pixssl_jax.models import pixssl
+from pixssl_jax.train import checkpointing
+from pixssl_jax.train import config_checks
+from pixssl_jax.train import mesh as mesh_lib
+from pixssl_jax.train import metrics_writer
+from pixssl_jax.train import state as state_lib
+from pixssl_jax.train import step as step_lib
+
+
+class _StopRequest:
+  """Knows whether the run must checkpoint and stop now (SIGTERM: a preemption notice).
+
+  With `jax.distributed` initialised, JAX's preemption service owns SIGTERM and Orbax's
+  `reached_preemption` names a step all processes agree on (a few steps after the signal). A
+  single uninitialised process handles SIGTERM itself and stops at the next step boundary.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._signalled = threading.Event()
+    self._distributed = jax.distributed.is_initialized()
+    self._previous_handler = None
+    if not self._distributed and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled.set()
+
+  def __call__(self, step: int) -> bool:
+    if self._distributed:
+      return self._manager.reached_preemption(step)
+    return self._signalled.is_set()
+
+  def close(self):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
+  """The prepared store to read: the configured one, or the embedded phantom dataset."""
+  if data_cfg.data_dir:
+    return data_cfg.data_dir
+  return default_dataset.ensure_phantom_store(
+      cache_root=data_cfg.cache_dir, num_cases=data_cfg.num_phantoms,
+      seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Saves the run's full config as `config.json` (temp name, then rename)."""
+  path = epath.Path(workdir) / 'config.json'
+  tmp = path.parent / f'.{path.name}.tmp'
+  tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
+def _make_data_iterator(store, config: ml_collections.ConfigDict, seed: int):
+  loader = pipeline.pretrain_loader(
+      store, config.data, batch_size=config.batch_size // jax.process_count(), seed=seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      worker_count=config.data.worker_count)
+  return iter(loader)
+
+
+def _host_scalars(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       print_fn=print) -> state_lib.TrainState:
+  """Pre-trains from scratch or resumes from the latest checkpoint in `workdir`.
+
+  Args:
+    config: a config from `configs/pretrain.py` (with overrides); never modified.
+    workdir: where `config.json`, `checkpoints/`, `tensorboard/` and `metrics.jsonl` go.
+    print_fn: receives the progress lines (process 0 only).
+
+  Returns:
+    The final train state (replicated over the mesh).
+  """
+  config_checks.validate_pretrain(config, workdir, device_count=jax.device_count(),
+                                  process_count=jax.process_count())
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    _write_config(config, workdir)
+  mesh = mesh_lib.make_data_mesh()
+  logging.info('Pre-training on %d devices (%d processes), mesh %s.', jax.device_count(),
+               jax.process_count(), dict(mesh.shape))
+
+  store = case_store.CaseStore(resolve_data_dir(config.data))
+  data_iter = _make_data_iterator(store, config, config.seed)
+  model = pixssl.build_model(config.model, config.data.ndim)
+  tx = state_lib.make_optimizer(config.optim, config.num_steps)
+  state = step_lib.init_train_state(model, tx, config, mesh)
+
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  start_step = 0
+  restored = checkpointing.restore_latest(manager, state, data_iter)
+  if restored is not None:
+    state, start_step, data_restored = restored
+    if not data_restored:
+      # Another process count wrote the checkpoint: its iterator state does not apply here.
+      # Restart the data stream from a seed derived from the step rather than replay epoch 0.
+      data_iter = _make_data_iterator(store, config, config.seed + start_step)
+    print_fn(f'Resumed from step {start_step} in {workdir}'
+             + ('' if data_restored else ' (model only; data stream restarted)'))
+
+  train_step = step_lib.jit_train_step(model, tx, config, mesh)
+  voxels_per_step = 2 * config.batch_size * math.prod(config.data.patch_size)
+  writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
+                                        voxels_per_step=voxels_per_step, enabled=is_chief,
+                                        print_fn=print_fn)
+  stop_requested = _StopRequest(manager)
+  pending = None  # (step, metrics) of the step in flight.
+
+  def finish_pending():
+    # Blocking on the previous step before dispatching the next keeps one step in flight:
+    # more than that deadlocks collectives on simulated CPU devices (PITFALLS.md).
+    nonlocal pending
+    if pending is None:
+      return
+    step, metrics = pending
+    pending = None
+    loss = float(metrics['loss'])
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'Non-finite loss {loss} at step {step}; stopping. Lower '
+                               'config.optim.learning_rate or check the input data.')
+    if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
+      writer.write_scalars(step + 1, _host_scalars(metrics))
+
+  try:
+    for step in range(start_step, config.num_steps):
+      if step > start_step and (step % config.checkpoint_every == 0 or stop_requested(step)):
+        finish_pending()
+        checkpointing.save(manager, step, state, data_iter, force=True)
+        if stop_requested(step):
+          manager.wait_until_finished()
+          print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
+          return state
+      batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
+      finish_pending()
+      state, metrics = train_step(state, batch)
+      pending = (step, metrics)
+    finish_pending()
+    if start_step < config.num_steps:  # The loop's last save was before the final steps.
+      checkpointing.save(manager, config.num_steps, state, data_iter, force=True)
+  finally:
+    manager.wait_until_finished()
+    stop_requested.close()
+    writer.close()
+  return state
+
