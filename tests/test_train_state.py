@@ -35,8 +35,11 @@ def _optim(**overrides):
 
 def test_schedule_warms_up_then_decays_to_zero():
   schedule = state_lib.learning_rate_schedule(_optim(), num_steps=20)
-  np.testing.assert_allclose([schedule(0), schedule(2), schedule(4)], [0.0, 0.05, 0.1], atol=1e-7)
-  assert float(schedule(12)) < 0.1
+  # Step k uses the curve at k + 1: the first step already learns.
+  np.testing.assert_allclose([schedule(0), schedule(1), schedule(3)], [0.025, 0.05, 0.1],
+                             atol=1e-7)
+  rates = [float(schedule(k)) for k in range(3, 20)]
+  assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
   np.testing.assert_allclose(schedule(20), 0.0, atol=1e-7)
 
 

@@ -41,11 +41,16 @@ def ema_update(ema_params: Any, params: Any, momentum: jax.Array) -> Any:
 
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict,
                            num_steps: int) -> optax.Schedule:
-  """Linear warm-up to the peak rate, then cosine decay to 0 at `num_steps`."""
+  """Linear warm-up to the peak rate, then cosine decay, as a function of the step index.
+
+  Step k trains with the rate at point k + 1 of the curve, so the first step already learns
+  (peak / warmup) instead of being spent at rate 0, and the rate reaches 0 after the last step.
+  """
   warmup = min(optim_cfg.warmup_steps, max(num_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
+  curve = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.learning_rate, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=0.0)
+      decay_steps=max(num_steps + 1, warmup + 1), end_value=0.0)
+  return lambda step: curve(step + 1)
 
 
 def _decay_mask(params: Any) -> Any:

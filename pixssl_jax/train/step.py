@@ -47,7 +47,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
   ema_params = state_lib.ema_update(state.ema_params, params, momentum)
 
   schedule = state_lib.learning_rate_schedule(config.optim, config.num_steps)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), ema_momentum=momentum,
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), ema_momentum=momentum,
                  lr=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)

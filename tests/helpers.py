@@ -1,0 +1,30 @@
+"""Shared test helpers: loading config presets and random pre-training batches."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(preset: str):
+  spec = importlib.util.spec_from_file_location('pretrain_config', REPO / 'configs/pretrain.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def random_batch(config, seed=0):
+  """Random views related by a known shift and an x-flip (what the loss needs to match)."""
+  rng = np.random.default_rng(seed)
+  patch = tuple(config.data.patch_size)
+  n, b = len(patch), config.batch_size
+  views = rng.uniform(size=(2, b, *patch, 1)).astype(np.float32)
+  t1 = np.tile(np.concatenate([np.eye(n), np.zeros((n, 1))], 1), (b, 1, 1))
+  t2 = t1.copy()
+  t2[:, 0, 0] = -1.0  # View 2 is flipped along x and shifted relative to view 1.
+  t2[:, 0, n] = patch[0] - 1 + 3.0
+  t2[:, 1, n] = -2.0
+  return dict(view1=views[0], view2=views[1], transform1=t1.astype(np.float32),
+              transform2=t2.astype(np.float32))
