@@ -1,0 +1,84 @@
+"""The default dataset: synthetic CT phantoms, generated and prepared once, then reused.
+
+`ensure_phantom_store()` returns the path of a prepared store under
+`CACHE_ROOT/phantoms-v1-n{num_cases}-s{seed}/store` (`CACHE_ROOT` is `$PIXSSL_CACHE` or
+`~/.cache/pixssl_jax`). The first call generates the phantoms (`phantoms.generate_dataset`)
+into `raw/` beside it and runs `prepare_dataset`, all inside a private temporary folder that
+is renamed into place at the end. Two processes starting at once both build; the first rename
+wins and the other discards its copy and uses the winner's.
+"""
+import os
+import shutil
+import time
+import uuid
+
+from pixssl_jax.data import case_store
+from pixssl_jax.data import prepare
+
+# Bump when the phantom generator or the preprocessing changes what a store contains.
+PHANTOM_VERSION = 'v1'
+
+
+def phantom_store_dir(cache_root=None, num_cases: int = 24, seed: int = 0,
+                      shape_scale: float = 1.0) -> str:
+  """Folder holding `raw/` and `store/` for these phantom settings."""
+  root = os.fspath(cache_root) if cache_root is not None else case_store.default_cache_root()
+  name = f'phantoms-{PHANTOM_VERSION}-n{num_cases}-s{seed}'
+  if shape_scale != 1.0:
+    name += f'-x{shape_scale:g}'
+  return os.path.join(os.path.abspath(root), name)
+
+
+def ensure_phantom_store(cache_root=None, num_cases: int = 24, seed: int = 0,
+                         shape_scale: float = 1.0, verbose: bool = True) -> str:
+  """Returns a prepared phantom store, generating and preparing it on first use.
+
+  Args:
+    cache_root: folder for generated datasets; None -> `$PIXSSL_CACHE` or
+      `~/.cache/pixssl_jax`.
+    num_cases: number of phantom cases.
+    seed: seed of the phantom generator and of the splits.
+    shape_scale: phantom volume size factor (1.0 is the generator's default size).
+    verbose: print short progress lines.
+
+  Returns:
+    Path of the store folder (open it with `CaseStore`).
+  """
+  final = phantom_store_dir(cache_root, num_cases, seed, shape_scale)
+  store = os.path.join(final, 'store')
+  if os.path.exists(os.path.join(store, 'store.json')):
+    return store
+  # Imported here so that opening an existing store never imports the generator.
+  from pixssl_jax.data import phantoms  # pylint: disable=g-import-not-at-top
+
+  parent = os.path.dirname(final)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(final)}.tmp-{os.getpid()}-'
+                             f'{uuid.uuid4().hex[:8]}')
+  start = time.time()
+  try:
+    if verbose:
+      print(f'pixssl_jax: generating {num_cases} phantom CT cases (seed {seed}) into {final} '
+            '(first use only, about a minute)...', flush=True)
+    raw = phantoms.generate_dataset(os.path.join(tmp, 'raw'), num_cases, seed=seed,
+                                    shape_scale=shape_scale)
+    if verbose:
+      print(f'pixssl_jax: generated in {time.time() - start:.0f} s; preparing the store...',
+            flush=True)
+    summary = prepare.prepare_dataset(raw, os.path.join(tmp, 'store'), seed=seed,
+                                      strict=True, verbose=False)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      # Another process finished first (rename onto a non-empty folder fails); use its store.
+      if not os.path.exists(os.path.join(store, 'store.json')):
+        raise
+      if verbose:
+        print(f'pixssl_jax: another process built {final} first; using it', flush=True)
+      return store
+    if verbose:
+      print(f'pixssl_jax: phantom store ready ({len(summary.written)} cases, '
+            f'{time.time() - start:.0f} s): {store}', flush=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return store
