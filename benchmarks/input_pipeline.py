@@ -1,0 +1,169 @@
+r"""Input pipeline speed: prepare seconds per case, view rendering, two-view batches/s.
+
+  PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 0,2] [--batches 12] \
+      [--prepare_cases 3] [--store auto|phantom|synthetic]
+
+1. prepare: writes `--prepare_cases` synthetic CT-like NIfTI cases (256x256x60 at
+   0.8x0.8x2.5 mm, a CT slab at reduced in-plane size) and times
+   `prepare.prepare_dataset` on them (resampling to 1.5x1.5x2.0 mm, clipping, TFDS
+   ArrayRecord write), then the `CaseStore` `.npy` cache build.
+2. The loaders read the phantom store (`default_dataset.ensure_phantom_store`; with
+   `--store auto` when the phantom generator is installed), else that synthetic store,
+   always through `CaseStore`.
+3. Rendering one view: the exact slicing path and the separable path against
+   `scipy.ndimage.affine_transform` on the same integer / resized (x1.2) transform.
+4. `pretrain_loader` batches/s for the 2-D demo preset (128x128, batch 8) and a 3-D 96^3
+   preset (batch 2), with the default scale range and with resizing off, for each worker
+   count. The first batch (worker start) is not timed.
+Prints markdown tables and the machine/date for docs/BENCHMARKS.md.
+"""
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+import timeit
+
+from absl import flags
+import nibabel as nib
+import numpy as np
+
+from pixssl_jax.data import case_store
+from pixssl_jax.data import pipeline
+from pixssl_jax.data import prepare
+from pixssl_jax.data import views
+
+PRESETS = {  # name: (ndim, patch_size, batch_size)
+    '2-D demo 128x128, batch 8': (2, (128, 128), 8),
+    '3-D 96^3, batch 2': (3, (96, 96, 96), 2),
+}
+
+
+def write_synthetic_nifti(raw_dir: str, num_cases: int, seed: int = 0) -> None:
+  """Writes CT-like cases: air, an elliptic body of soft tissue, two labelled organs."""
+  rng = np.random.default_rng(seed)
+  shape, spacing = (256, 256, 60), (0.8, 0.8, 2.5)
+  os.makedirs(os.path.join(raw_dir, 'images'))
+  os.makedirs(os.path.join(raw_dir, 'labels'))
+  x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing='ij')
+  affine = np.diag(list(spacing) + [1.0])
+  for i in range(num_cases):
+    body = (x / rng.uniform(0.7, 0.9)) ** 2 + (y / rng.uniform(0.5, 0.7)) ** 2 < 1
+    image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, shape)
+    label = np.zeros(shape, np.uint8)
+    for value, (cx, cy) in enumerate([(-0.3, 0.1), (0.3, -0.1)], start=1):
+      organ = ((x - cx) / 0.2) ** 2 + ((y - cy) / 0.15) ** 2 + (z / 0.6) ** 2 < 1
+      image[organ] += 60 * value
+      label[organ] = value
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine),
+             os.path.join(raw_dir, 'images', f'case{i:03d}.nii.gz'))
+    nib.save(nib.Nifti1Image(label, affine), os.path.join(raw_dir, 'labels', f'case{i:03d}.nii.gz'))
+
+
+def time_prepare(work_dir: str, num_cases: int) -> tuple[str, float, float]:
+  """Returns (store dir, prepare s/case, cache build s/case)."""
+  raw, store_dir = os.path.join(work_dir, 'raw'), os.path.join(work_dir, 'store')
+  write_synthetic_nifti(raw, num_cases)
+  start = time.perf_counter()
+  prepare.prepare_dataset(raw, store_dir, strict=True, verbose=False)
+  prepare_s = (time.perf_counter() - start) / num_cases
+  start = time.perf_counter()
+  case_store.CaseStore(store_dir).ensure_cache()
+  cache_s = (time.perf_counter() - start) / num_cases
+  return store_dir, prepare_s, cache_s
+
+
+def loader_store(which: str, synthetic_store_dir: str):
+  """The phantom store ('phantom', or 'auto' when the generator exists), else the synthetic one."""
+  if which == 'auto':
+    try:
+      from pixssl_jax.data import phantoms  # pylint: disable=g-import-not-at-top
+      which = 'phantom' if hasattr(phantoms, 'generate_dataset') else 'synthetic'
+    except ImportError:
+      which = 'synthetic'
+  if which == 'synthetic':
+    return case_store.CaseStore(synthetic_store_dir), 'synthetic NIfTI store'
+  from pixssl_jax.data import default_dataset  # pylint: disable=g-import-not-at-top
+  return case_store.CaseStore(default_dataset.ensure_phantom_store()), 'phantom store'
+
+
+def time_render(volume: np.ndarray, repeats: int = 7) -> list[tuple[str, float]]:
+  """Best-of-`repeats` milliseconds per view of each rendering path (integer and resized T).
+
+  The minimum, not the mean: on a shared machine it is the least disturbed estimate.
+  """
+  rows = []
+  for ndim, patch in [(2, (128, 128)), (3, (96, 96, 96))]:
+    source = volume[:, :, volume.shape[2] // 2] if ndim == 2 else volume
+    start = np.zeros(ndim)
+    flips = (True,) + (False,) * (ndim - 1)
+    t_int = views.crop_transform(start + 8, np.array(patch, float), patch, flips, 1)
+    t_scaled = views.crop_transform(start + 8, 1.2 * np.array(patch, float), patch, flips, 1)
+    for label, t, fast in [('exact slicing path', t_int, True),
+                           ('same T via affine_transform', t_int, False),
+                           ('resized x1.2, separable path', t_scaled, True),
+                           ('resized x1.2 via affine_transform', t_scaled, False)]:
+      render = lambda t=t, fast=fast: views.render_view(source, t, patch, -175.0, fast_paths=fast)
+      number = 20 if ndim == 2 else 2
+      best = min(timeit.repeat(render, number=number, repeat=repeats)) / number
+      rows.append((f'{"x".join(map(str, patch))} {label}', 1e3 * best))
+  return rows
+
+
+def time_loader(store, ndim, patch, batch_size, workers, scale_range, num_batches) -> float:
+  cfg = views.default_data_config()
+  cfg.ndim, cfg.patch_size, cfg.scale_range = ndim, patch, scale_range
+  loader = pipeline.pretrain_loader(store, cfg, batch_size=batch_size, seed=0,
+                                    worker_count=workers)
+  iterator = iter(loader)
+  next(iterator)  # Worker start-up and first reads are not steady state.
+  tic = time.perf_counter()
+  for _ in range(num_batches):
+    next(iterator)
+  return num_batches / (time.perf_counter() - tic)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workers', default='0,2')
+  parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--prepare_cases', type=int, default=3)
+  parser.add_argument('--store', choices=('auto', 'phantom', 'synthetic'), default='auto')
+  args = parser.parse_args()
+  flags.FLAGS(sys.argv[:1])  # grain worker processes read absl flags.
+
+  with tempfile.TemporaryDirectory() as work_dir:
+    store_dir, prepare_s, cache_s = time_prepare(work_dir, args.prepare_cases)
+    store, store_name = loader_store(args.store, store_dir)
+    first = store.split('pretrain')[0]
+    volume = np.asarray(store.image(first))
+    render_rows = time_render(volume)
+    loader_rows = []
+    for name, (ndim, patch, batch_size) in PRESETS.items():
+      for scale_name, scale_range in [('0.7-1.4', (0.7, 1.4)), ('off (exact path)', None)]:
+        for workers in (int(w) for w in args.workers.split(',')):
+          rate = time_loader(store, ndim, patch, batch_size, workers, scale_range,
+                             args.batches if ndim == 2 else max(args.batches // 2, 3))
+          loader_rows.append((name, scale_name, workers, rate))
+          print(f'  {name}, scale {scale_name}, {workers} workers: {rate:.2f} batches/s',
+                file=sys.stderr, flush=True)
+
+  print(f'Input pipeline, {datetime.date.today()}, {platform.node()}, '
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
+        f'Python {platform.python_version()}, load average at the end '
+        f'{os.getloadavg()[0]:.1f} (other work on the machine slows the numbers)\n')
+  print(f'prepare (synthetic 256x256x60 NIfTI at 0.8x0.8x2.5 mm -> 1.5x1.5x2.0 mm): '
+        f'{prepare_s:.2f} s/case; CaseStore .npy cache build: {cache_s:.2f} s/case\n')
+  print(f'Loader store: {store_name}, volumes like {first} {volume.shape}\n')
+  print('| view rendering | ms per view |\n| --- | --- |')
+  for label, ms in render_rows:
+    print(f'| {label} | {ms:.2f} |')
+  print('\n| preset | crop scale | workers | two-view batches/s |\n| --- | --- | --- | --- |')
+  for name, scale_name, workers, rate in loader_rows:
+    print(f'| {name} | {scale_name} | {workers} | {rate:.2f} |')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,266 @@
+"""grain input pipelines: two-view pre-training, labelled fine-tuning crops, whole volumes.
+
+All loaders read through a case store (duck typed, docs/design.md "The store":
+`split`, `image`, `label`, `meta`, `hu_window`, stable `__repr__`). The record
+source is the list of case ids of a split, so a record is cheap to read and the
+store's memory-mapped cache does the I/O inside the random transform.
+
+Each JAX process passes `shard_index=jax.process_index()` and
+`shard_count=jax.process_count()` (this package never imports jax) and gets a
+disjoint part of the split; `batch_size` is per process. The loaders return a
+`grain.DataLoader`; `iter(loader)` is checkpointable with
+`grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` in an
+orbax `Composite`, or `iterator.get_state()` / `set_state()` (bytes).
+"""
+import hashlib
+from typing import Any, Iterator, Optional
+
+import grain
+import ml_collections
+import numpy as np
+
+from pixssl_jax.data import intensity
+from pixssl_jax.data import views
+
+# Foreground coordinates kept per case for oversampling; a strided subset of a
+# large organ is as good as all of it and bounds the per-worker cache.
+_MAX_FOREGROUND_COORDS = 50_000
+# Endless loaders repeat the case list to at least this many records per sampler epoch.
+_MIN_RECORDS_PER_EPOCH = 4096
+
+
+class CaseIdSource:
+  """Random-access source over the case ids of one split, each id repeated.
+
+  Records are laid out case-major (record k is case `k // repeats`), so grain's
+  contiguous shards of the records are contiguous, disjoint sets of cases as
+  long as the number of cases is a multiple of the shard count: the source
+  drops the last `len(split) % shard_count` cases, as `drop_remainder` would.
+  Repeats exist because grain's IndexSampler pays about 20 ms per epoch
+  boundary (PITFALLS.md): with 3 cases an epoch lasts 3 records, which halved
+  the 2-D demo loader's speed.
+
+  grain checks `repr(data_source)` when restoring an iterator, so the repr is
+  built only from the store's repr, the split, the repeats and a digest of the ids.
+  """
+
+  def __init__(self, store: Any, split: str, shard_count: int = 1, repeats: int = 1):
+    ids = tuple(store.split(split))
+    if len(ids) < shard_count:
+      raise ValueError(f'split {split!r} of {store!r} has {len(ids)} cases, '
+                       f'fewer than {shard_count} shards')
+    self._ids = ids[:len(ids) - len(ids) % shard_count]
+    self._repeats = int(repeats)
+    digest = hashlib.sha1('\n'.join(self._ids).encode()).hexdigest()[:12]
+    self._repr = (f'CaseIdSource(store={store!r}, split={split!r}, '
+                  f'num_cases={len(self._ids)}, repeats={self._repeats}, ids_sha1={digest})')
+
+  @property
+  def case_ids(self) -> tuple[str, ...]:
+    return self._ids
+
+  def __len__(self) -> int:
+    return len(self._ids) * self._repeats
+
+  def __getitem__(self, index: int) -> str:
+    return self._ids[index // self._repeats]
+
+  def __repr__(self) -> str:
+    return self._repr
+
+
+class MakeViewPair(grain.transforms.RandomMap):
+  """Case id -> one pre-training example (two views and their transforms).
+
+  Reads only `store.image`: pre-training never touches labels.
+  """
+
+  def __init__(self, store: Any, data_cfg: ml_collections.ConfigDict):
+    self._store = store
+    self._cfg = ml_collections.FrozenConfigDict(data_cfg)
+    self._window = tuple(float(v) for v in store.hu_window)
+    views.patch_shape(self._cfg)  # Fail at construction on a bad patch size.
+
+  def random_map(self, case_id: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    pair = views.sample_view_pair(self._store.image(case_id), rng, self._cfg, self._window)
+    return {
+        'view1': intensity.augment_intensity(
+            pair.view1, rng, self._cfg.intensity, self._window)[..., None],
+        'view2': intensity.augment_intensity(
+            pair.view2, rng, self._cfg.intensity, self._window)[..., None],
+        'transform1': pair.transform1,
+        'transform2': pair.transform2,
+    }
+
+
+class LabelledCrop(grain.transforms.RandomMap):
+  """Case id -> one labelled random crop with foreground oversampling.
+
+  With probability `foreground_prob` the crop is centred on a random foreground
+  voxel (label > 0), else placed uniformly; volumes smaller than the patch are
+  padded with air (image) and background (label). 2-D crops are axial slices.
+  """
+
+  def __init__(self, store: Any, shape: tuple[int, ...], foreground_prob: float, flip: bool):
+    if not 0.0 <= foreground_prob <= 1.0:
+      raise ValueError(f'foreground_prob must be in [0, 1], got {foreground_prob}')
+    self._store = store
+    self._shape = shape
+    self._foreground_prob = foreground_prob
+    self._flip = flip
+    self._window = tuple(float(v) for v in store.hu_window)
+    self._foreground: dict[str, np.ndarray] = {}
+
+  def _foreground_coords(self, case_id: str, label: np.ndarray) -> np.ndarray:
+    if case_id not in self._foreground:
+      coords = np.argwhere(np.asarray(label) > 0).astype(np.int32)
+      stride = -(-len(coords) // _MAX_FOREGROUND_COORDS)
+      self._foreground[case_id] = coords[::max(stride, 1)]
+    return self._foreground[case_id]
+
+  def random_map(self, case_id: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image, label = self._store.image(case_id), self._store.label(case_id)
+    if image.shape != label.shape:
+      raise ValueError(f'case {case_id!r}: image {image.shape} and label {label.shape} differ')
+    n = len(self._shape)
+    p = np.asarray(self._shape)
+    vol = np.asarray(image.shape)
+    foreground = self._foreground_coords(case_id, label)
+    if foreground.size and rng.random() < self._foreground_prob:
+      centre = foreground[rng.integers(len(foreground))]
+      start3 = np.concatenate([centre[:n] - p // 2, centre[n:]])
+    else:
+      # Uniform start; negative when the volume is smaller (padding both sides).
+      slack = vol[:n] - p
+      start = rng.integers(np.minimum(slack, 0), np.maximum(slack, 0) + 1)
+      start3 = np.concatenate([start, [rng.integers(vol[2])]]) if n == 2 else start
+    size3 = np.concatenate([p, np.ones(3 - n, np.int64)])
+    img = views.extract_padded(image, start3, size3, self._window[0]).reshape(self._shape)
+    lab = views.extract_padded(label, start3, size3, 0).reshape(self._shape)
+    if self._flip:
+      axes = tuple(np.flatnonzero(rng.random(n) < 0.5))
+      if axes:
+        img, lab = np.flip(img, axes), np.flip(lab, axes)
+    return {
+        'image': intensity.scale_hu(img, self._window)[..., None],
+        'label': np.ascontiguousarray(lab, dtype=np.int32),
+    }
+
+
+def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
+                 data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                 shard_index: int, shard_count: int, worker_count: Optional[int],
+                 num_epochs: Optional[int]) -> grain.DataLoader:
+  """Seeded, sharded, shuffled, batched DataLoader over the case ids of `split`."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
+  if not store.split(split):
+    raise ValueError(f'split {split!r} of {store!r} has no cases')
+  repeats = 1
+  if num_epochs is None:
+    # Endless: long sampler epochs make grain's per-epoch cost negligible.
+    num_cases = len(store.split(split))
+    repeats = -(-_MIN_RECORDS_PER_EPOCH // max(num_cases - num_cases % shard_count, 1))
+  source = CaseIdSource(store, split, shard_count, repeats)
+  shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=True,
+      num_epochs=num_epochs, seed=int(seed))
+  if worker_count is None:
+    worker_count = int(data_cfg.get('worker_count', 0))
+  # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (PITFALLS.md).
+  read_options = grain.ReadOptions(
+      num_threads=int(data_cfg.get('read_threads', 2)),
+      prefetch_buffer_size=int(data_cfg.get('prefetch_buffer_size', 4)))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[transform, grain.transforms.Batch(batch_size, drop_remainder=True)],
+      worker_count=worker_count, shard_options=shard_options, read_options=read_options)
+
+
+def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_size: int,
+                    seed: int, shard_index: int = 0, shard_count: int = 1,
+                    worker_count: Optional[int] = None, num_epochs: Optional[int] = None,
+                    split: str = 'pretrain') -> grain.DataLoader:
+  """Two-view pre-training batches (docs/design.md batch table).
+
+  Args:
+    store: case store; only `split`, `image` and `hu_window` are used.
+    data_cfg: the `data` config (see `views.default_data_config`).
+    batch_size: examples per batch in this process.
+    seed: shuffle and augmentation seed (0 <= seed < 2**32).
+    shard_index, shard_count: this process's shard of the split.
+    worker_count: grain worker processes; None reads `data_cfg.worker_count`.
+    num_epochs: None repeats forever.
+    split: store split to read.
+
+  Returns:
+    A DataLoader whose batches are dicts: `view1`, `view2` `[B, *P, 1]` float32 and
+    `transform1`, `transform2` `[B, n, n + 1]` float32.
+  """
+  return _make_loader(store, split, MakeViewPair(store, data_cfg), data_cfg,
+                      batch_size=batch_size, seed=seed, shard_index=shard_index,
+                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs)
+
+
+def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: str,
+                    batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                    foreground_prob: float = 0.67, flip: bool = True,
+                    worker_count: Optional[int] = None,
+                    num_epochs: Optional[int] = None) -> grain.DataLoader:
+  """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
+
+  Args:
+    store: case store with labels for `split`.
+    data_cfg: the `data` config (ndim, patch_size, loader fields).
+    split: labelled split, e.g. 'train_10'.
+    batch_size: examples per batch in this process.
+    seed: shuffle and augmentation seed.
+    shard_index, shard_count: this process's shard of the split.
+    foreground_prob: probability of centring a crop on a foreground voxel.
+    flip: random flip per axis (same for image and label).
+    worker_count: grain worker processes; None reads `data_cfg.worker_count`.
+    num_epochs: None repeats forever.
+
+  Returns:
+    A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
+    and `label` `[B, *P]` int32.
+  """
+  transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip)
+  return _make_loader(store, split, transform, data_cfg,
+                      batch_size=batch_size, seed=seed, shard_index=shard_index,
+                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs)
+
+
+def volume_iterator(store: Any, split: str, *, shard_index: int = 0, shard_count: int = 1,
+                    with_labels: bool = True) -> Iterator[dict[str, Any]]:
+  """Yields whole volumes of a split, one at a time, for sliding-window inference.
+
+  Cases are dealt round-robin to shards (none dropped), in split order.
+
+  Args:
+    store: case store.
+    split: split name, e.g. 'val' or 'test'.
+    shard_index, shard_count: this process's share of the cases.
+    with_labels: also read labels (skipped for unlabelled cases).
+
+  Yields:
+    Dicts with `case_id` (str), `image` `[X, Y, Z, 1]` float32 in [0, 1],
+    `label` `[X, Y, Z]` int32 (only if labelled and `with_labels`), `meta` (dict).
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
+  for case_id in list(store.split(split))[shard_index::shard_count]:
+    example = {
+        'case_id': case_id,
+        'image': intensity.scale_hu(store.image(case_id), store.hu_window)[..., None],
+        'meta': store.meta(case_id),
+    }
+    if with_labels:
+      try:
+        example['label'] = np.asarray(store.label(case_id), np.int32)
+      except ValueError:
+        pass  # Unlabelled case: the store says so with ValueError (docs/design.md).
+    yield example
