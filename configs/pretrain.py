@@ -34,20 +34,22 @@ def _data_config() -> ml_collections.ConfigDict:
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
   data.patch_size = (128, 128)
   # Spatial augmentation [default]: overlapping random crops, flips, axial rot90.
-  data.min_overlap = 0.3
-  data.scale_range = (0.8, 1.25)
+  data.region_scale = 2.0  # The region both views come from: region_scale * patch, per axis.
+  data.min_overlap = 0.3  # Least fraction of each view's voxels that the other view also shows.
+  data.scale_range = (0.7, 1.4)  # Crop side / patch side (log-uniform), resized to the patch.
   data.flip = True
   data.rot90 = True
+  data.min_body_fraction = 0.05  # 2-D: draw slices with at least this fraction of body voxels.
   # Intensity augmentation [default], applied independently to each view.
   data.intensity = ml_collections.ConfigDict()
   data.intensity.enabled = True
-  data.intensity.prob = 0.8
+  data.intensity.prob = 0.5  # Probability of each augmentation, independently.
   data.intensity.window_jitter = 0.1
   data.intensity.brightness = 0.1
   data.intensity.contrast = 0.2
   data.intensity.gamma = 0.3
   data.intensity.noise_std = 0.03
-  data.intensity.blur_sigma = (0.0, 1.0)
+  data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
   # Input pipeline resources: 0 workers is fastest on small hosts; use 8+ on accelerator hosts.
   data.worker_count = 0
   data.read_threads = 2
@@ -78,12 +80,16 @@ def _method_config() -> ml_collections.ConfigDict:
   method.use_stabilizer = True  # Context stabilizer [paper]; False: compare projections directly.
   method.mc_samples = 8  # K dropout samples [default]; 1: no MC dropout, no uncertainty.
   method.weighting = 'exp'  # 'exp' [default] | 'kendall' | 'threshold' | 'none'.
-  method.tau = 0.1  # Temperature of the 'exp' weighting.
-  method.kendall_eps = 1e-6
-  method.threshold_start = 0.75  # 'threshold' form: u < t kept; t ramps start -> end.
-  method.threshold_end = 1.0
+  # The uncertainty u is a channel-mean variance of unit vectors, so 0 <= u <= 1/pixel_proj_dim;
+  # tau and the thresholds are absolute values on that scale.
+  method.tau = 2e-3  # 'exp': w = exp(-u / tau).
+  method.kendall_eps = 1e-3  # 'kendall': s = log(u + eps).
+  method.threshold_start = 2e-3  # 'threshold': keep u < t, t ramped start -> end (UA-MT ramp).
+  method.threshold_end = 4e-3
   method.lambda_global = 1.0
   method.lambda_pixel = 1.0
+  method.match = 'inverse'  # 'inverse' (exact inverse mapping) | 'distance' (PixPro threshold).
+  method.match_distance = 0.7  # 'distance': a pair if closer than this many feature-cell diagonals.
   return method
 
 

@@ -52,14 +52,18 @@ def _distributed_settings() -> dict | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS['verbosity'].using_default_value:
+    # Orbax and grain log every save and read at INFO; keep the console to our progress lines.
+    logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so --help is instant and env settings apply first.
 
   settings = _distributed_settings()
   if settings is not None:
     jax.distributed.initialize(**settings)
   config = _CONFIG.value
-  logging.info('Process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  if jax.process_index() == 0:
+    print(f'pixssl_jax: {jax.process_count()} process(es), {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s); workdir {_WORKDIR.value}', flush=True)
 
   from pixssl_jax.train import config_checks
   try:

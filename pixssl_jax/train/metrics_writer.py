@@ -68,9 +68,10 @@ class MetricsWriter:
 
   def _progress_line(self, step: int, values: Mapping[str, float], prefix: str) -> str:
     get = lambda k: values.get(f'{prefix}/{k}', float('nan'))
-    parts = [f'step {step}/{self._num_steps}', f"loss {get('loss'):.4f}",
-             f"(global {get('loss_global'):.4f}, pixel {get('loss_pixel'):.4f})",
-             f"unc {get('uncertainty_mean'):.2e}", f"lr {get('lr'):.2e}"]
+    parts = [f'step {step}/{self._num_steps}',
+             f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
+             f"pixel {get('loss_pixel'):.4f})",
+             f"uncertainty {get('uncertainty_mean'):.2e}", f"lr {get('lr'):.2e}"]
     rate = values.get(f'{prefix}/steps_per_sec')
     if rate:
       eta = (self._num_steps - step) / rate

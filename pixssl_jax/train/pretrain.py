@@ -7,7 +7,6 @@ import threading
 
 import jax
 import ml_collections
-from absl import logging
 from etils import epath
 
 from pixssl_jax.data import case_store
@@ -66,7 +65,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = epath.Path(workdir) / 'config.json'
   tmp = path.parent / f'.{path.name}.tmp'
   tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _make_data_iterator(store, config: ml_collections.ConfigDict, seed: int):
@@ -99,8 +98,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_chief:
     _write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
-  logging.info('Pre-training on %d devices (%d processes), mesh %s.', jax.device_count(),
-               jax.process_count(), dict(mesh.shape))
 
   store = case_store.CaseStore(resolve_data_dir(config.data))
   data_iter = _make_data_iterator(store, config, config.seed)
