@@ -1,0 +1,27 @@
+"""Loss functions: pure functions of arrays and view transforms (no modules, no configs)."""
+
+from pixssl_jax.losses.global_consistency import cosine_discrepancy
+from pixssl_jax.losses.global_consistency import global_consistency
+from pixssl_jax.losses.global_consistency import l2_normalize
+from pixssl_jax.losses.pixel_matching import cell_to_cell_affine
+from pixssl_jax.losses.pixel_matching import linear_interpolate
+from pixssl_jax.losses.pixel_matching import match_features
+from pixssl_jax.losses.pixel_matching import match_features_by_distance
+from pixssl_jax.losses.uncertainty import mc_dropout_statistics
+from pixssl_jax.losses.uncertainty import ramp_threshold
+from pixssl_jax.losses.uncertainty import WEIGHTING_FORMS
+from pixssl_jax.losses.uncertainty import weighted_pixel_loss
+
+__all__ = [
+    'WEIGHTING_FORMS',
+    'cell_to_cell_affine',
+    'cosine_discrepancy',
+    'global_consistency',
+    'l2_normalize',
+    'linear_interpolate',
+    'match_features',
+    'match_features_by_distance',
+    'mc_dropout_statistics',
+    'ramp_threshold',
+    'weighted_pixel_loss',
+]

@@ -1,0 +1,101 @@
+"""Monte Carlo dropout statistics and the uncertainty-weighted pixel loss (METHOD.md)."""
+
+import jax
+import jax.numpy as jnp
+
+from pixssl_jax.losses.global_consistency import l2_normalize
+
+WEIGHTING_FORMS = ('exp', 'kendall', 'threshold', 'none')
+
+
+def mc_dropout_statistics(samples: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Mean prediction and per-pixel uncertainty of K stabilizer samples.
+
+  The variance is taken after L2-normalising each sample over channels, because the loss is a
+  cosine: only the direction of a prediction matters, not its length. Since each normalised
+  sample has unit norm, the channel-mean variance lies in `[0, 1/C]`.
+
+  Args:
+    samples: `[K, B, *G, C]` stabilizer outputs for K dropout keys.
+
+  Returns:
+    `(mean [B, *G, C], variance [B, *G])`, float32; the variance is 0 for `K = 1`.
+  """
+  samples = samples.astype(jnp.float32)
+  mean = jnp.mean(samples, axis=0)
+  normed = l2_normalize(samples)
+  variance = jnp.mean(jnp.var(normed, axis=0), axis=-1)
+  return mean, variance
+
+
+def ramp_threshold(step: jax.Array | int, num_steps: int, start: float, end: float) -> jax.Array:
+  """UA-MT's sigmoid-shaped ramp of the uncertainty threshold over training.
+
+  `t = start + (end - start) * exp(-5 (1 - x)^2)`, `x = clip(step / num_steps, 0, 1)`
+  (Laine & Aila's ramp-up, used by UA-MT). `t(0) = start + 0.0067 (end - start)`, `t = end`
+  from `num_steps` on.
+
+  Args:
+    step: current step (may be traced).
+    num_steps: total training steps (static, > 0).
+    start: threshold at the beginning.
+    end: threshold at the end.
+
+  Returns:
+    Scalar float32 threshold.
+  """
+  x = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+  return start + (end - start) * jnp.exp(-5.0 * jnp.square(1.0 - x))
+
+
+def _safe_ratio(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
+  """`num / den`, 0 where `den == 0` (no valid pixel), with finite gradients."""
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def weighted_pixel_loss(discrepancy: jnp.ndarray, valid: jnp.ndarray, uncertainty: jnp.ndarray,
+                        *, form: str, tau: float = 1.0, eps: float = 1e-3,
+                        threshold: jax.Array | float = 0.0) -> jnp.ndarray:
+  """Uncertainty-weighted mean of the per-pixel discrepancy over valid pixels.
+
+  Forms (METHOD.md "Adaptive weighting"), with `m` the valid mask:
+    - 'exp': `w = stop_gradient(exp(-u / tau))`, `sum(m w d) / sum(m w)`;
+    - 'kendall': mean over valid of `d exp(-s) + s`, `s = log(u + eps)` (gradient flows into
+      `u`, which is how the stabilizer learns to report its uncertainty);
+    - 'threshold': plain mean over pixels with `m` and `u < threshold`;
+    - 'none': plain mean over valid pixels.
+  Returns 0 (and zero gradients, never NaN) when no pixel is selected.
+
+  Args:
+    discrepancy: `[B, *G]` per-pixel discrepancy `d`.
+    valid: `[B, *G]` bool or {0,1} float mask.
+    uncertainty: `[B, *G]` per-pixel uncertainty `u >= 0`.
+    form: one of `WEIGHTING_FORMS`.
+    tau: temperature of the 'exp' form.
+    eps: offset inside the log of the 'kendall' form.
+    threshold: uncertainty threshold of the 'threshold' form (may be traced).
+
+  Returns:
+    Scalar float32 loss.
+  """
+  if form not in WEIGHTING_FORMS:
+    raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, got {form!r}')
+  if discrepancy.shape != valid.shape or discrepancy.shape != uncertainty.shape:
+    raise ValueError(f'discrepancy {discrepancy.shape}, valid {valid.shape} and uncertainty '
+                     f'{uncertainty.shape} must have the same shape')
+  d = discrepancy.astype(jnp.float32)
+  u = uncertainty.astype(jnp.float32)
+  mask = valid.astype(jnp.float32)
+  if form == 'exp':
+    if tau <= 0:
+      raise ValueError(f'method.tau must be > 0, got {tau}')
+    w = jax.lax.stop_gradient(jnp.exp(-u / tau)) * mask
+    return _safe_ratio(jnp.sum(w * d), jnp.sum(w))
+  if form == 'kendall':
+    if eps <= 0:
+      raise ValueError(f'method.kendall_eps must be > 0, got {eps}')
+    s = jnp.log(u + eps)
+    return _safe_ratio(jnp.sum(mask * (d * jnp.exp(-s) + s)), jnp.sum(mask))
+  if form == 'threshold':
+    mask = mask * (u < threshold).astype(jnp.float32)
+  return _safe_ratio(jnp.sum(mask * d), jnp.sum(mask))

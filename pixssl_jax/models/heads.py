@@ -1,0 +1,96 @@
+"""Projection heads: global projector/predictor, pixel projector, context stabilizer.
+
+All heads act on the last (channel) axis only, so a `Dense` layer is exactly a 1x1(x1)
+convolution and the same module serves `[B, C]` vectors and `[B, *G, C]` feature maps of any
+spatial rank. Outputs are float32 so the losses never run in bfloat16.
+
+No BatchNorm anywhere (BYOL's projector uses it): LayerNorm / GroupNorm normalise each sample
+on its own, so nothing depends on how the batch is split over devices, and the EMA teacher
+has no running statistics to keep in sync.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from pixssl_jax.models.unet import group_norm_f32
+
+
+def _layer_norm_f32(x: jnp.ndarray, name: str) -> jnp.ndarray:
+  """LayerNorm over channels computed in float32, returned in `x.dtype`."""
+  y = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+  return y.astype(x.dtype)
+
+
+class MLPHead(nn.Module):
+  """Dense -> LayerNorm -> ReLU -> Dense, the BYOL projector/predictor shape.
+
+  Attributes:
+    hidden: hidden width.
+    out: output width.
+    dtype: compute dtype.
+  """
+  hidden: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps `[..., Cin]` to `[..., out]` float32."""
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='dense0')(x)
+    x = nn.relu(_layer_norm_f32(x, 'norm'))
+    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32, name='dense1')(x)
+    return x.astype(jnp.float32)
+
+
+class PixelProjector(nn.Module):
+  """1x1 conv -> GroupNorm -> ReLU -> 1x1 conv on a feature map (PixPro's projector shape).
+
+  Attributes:
+    hidden: hidden width (divisible by `num_groups`).
+    out: output channels.
+    num_groups: GroupNorm groups.
+    dtype: compute dtype.
+  """
+  hidden: int
+  out: int
+  num_groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Maps `[B, *G, Cin]` to `[B, *G, out]` float32."""
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='conv0')(x)
+    x = nn.relu(group_norm_f32(x, self.num_groups, name='norm'))
+    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32, name='conv1')(x)
+    return x.astype(jnp.float32)
+
+
+class ContextStabilizer(nn.Module):
+  """1x1 conv MLP with dropout between the layers (METHOD.md "Context stabilizer").
+
+  1x1 conv -> LayerNorm -> ReLU -> Dropout -> 1x1 conv. It maps the student's pixel projection
+  to a prediction of the teacher's. Run K times with independent 'dropout' keys it gives the
+  Monte Carlo samples whose spread is the per-pixel uncertainty. The norm is per pixel
+  (LayerNorm over channels) so each pixel's prediction depends on that pixel only.
+
+  Attributes:
+    hidden: hidden width.
+    out: output channels (the pixel projection width).
+    dropout_rate: dropout probability on the hidden layer.
+    dtype: compute dtype.
+  """
+  hidden: int
+  out: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    """Maps `[B, *G, Cin]` to `[B, *G, out]` float32; uses the 'dropout' rng if not deterministic."""
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='conv0')(x)
+    x = nn.relu(_layer_norm_f32(x, 'norm'))
+    x = nn.Dropout(self.dropout_rate, deterministic=deterministic, name='dropout')(x)
+    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32, name='conv1')(x)
+    return x.astype(jnp.float32)

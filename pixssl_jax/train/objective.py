@@ -1,0 +1,180 @@
+"""The pre-training objective: global + uncertainty-weighted pixel consistency.
+
+`pretrain_loss` is what the jitted train step differentiates with respect to the student
+params. It is a pure function; `model`, `method_cfg` and `num_steps` are static (bind them with
+`functools.partial`). Nothing depends on the batch size, so the same function serves any
+global batch and any sharding of it.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pixssl_jax.losses import cosine_discrepancy
+from pixssl_jax.losses import global_consistency
+from pixssl_jax.losses import match_features
+from pixssl_jax.losses import match_features_by_distance
+from pixssl_jax.losses import mc_dropout_statistics
+from pixssl_jax.losses import ramp_threshold
+from pixssl_jax.losses import WEIGHTING_FORMS
+from pixssl_jax.losses import weighted_pixel_loss
+from pixssl_jax.models.pixssl import PixSSLModel
+
+MATCH_MODES = ('inverse', 'distance')
+
+
+def default_method_config() -> ml_collections.ConfigDict:
+  """The `method:` config subtree with METHOD.md's defaults.
+
+  The uncertainty `u` is a channel-mean variance of unit vectors, so `0 <= u <= 1/Cp`
+  (1/64 for the demo preset); `tau` and the thresholds are absolute values on that scale,
+  chosen from the demo preset at initialisation (stabilizer dropout 0.1, K = 8: u has mean
+  1.2e-3 and 90th percentile 1.6e-3). Only differences of u matter to the 'exp' form (the
+  weights are normalised): tau = 2e-3 gives the p90 pixel ~0.8 of the weight of the mean
+  one, a mild weighting; the 'threshold' form starts by keeping about every pixel and admits
+  more uncertain ones as t ramps up. Retune them if `pixel_proj_dim` or the dropout rate
+  change much.
+  """
+  return ml_collections.ConfigDict({
+      'use_global': True,
+      'use_pixel': True,
+      'use_stabilizer': True,
+      'mc_samples': 8,            # K stabilizer samples; 1 disables MC dropout.
+      'weighting': 'exp',         # 'exp' | 'kendall' | 'threshold' | 'none'.
+      'tau': 2e-3,                # 'exp': w = exp(-u / tau).
+      'kendall_eps': 1e-3,        # 'kendall': s = log(u + eps).
+      'threshold_start': 2e-3,    # 'threshold': keep u < t, t ramped start -> end
+      'threshold_end': 4e-3,      # (UA-MT's exp(-5 (1 - step/num_steps)^2) ramp).
+      'lambda_global': 1.0,
+      'lambda_pixel': 1.0,
+      'match': 'inverse',         # 'inverse' (exact inverse mapping) | 'distance' (PixPro).
+      'match_distance': 0.7,      # 'distance': positive if closer than this many cell diagonals.
+  })
+
+
+def _get(cfg: ml_collections.ConfigDict, name: str, default: Any) -> Any:
+  """Optional fields, so configs written before a field existed keep working."""
+  return cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
+
+
+def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
+                           model: PixSSLModel, mc_samples: int
+                           ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Runs the stabilizer K times as one vmap over dropout keys; returns (mean, uncertainty)."""
+  if mc_samples <= 1 or model.stabilizer_dropout == 0.0:
+    # Without MC dropout the stabilizer is a deterministic predictor and nothing is uncertain.
+    pred = model.apply({'params': params}, pixel_proj, True, method=PixSSLModel.stabilize)
+    return pred, jnp.zeros(pred.shape[:-1], jnp.float32)
+
+  def one_sample(dropout_key):
+    return model.apply({'params': params}, pixel_proj, False, method=PixSSLModel.stabilize,
+                       rngs={'dropout': dropout_key})
+
+  samples = jax.vmap(one_sample)(jax.random.split(key, mc_samples))  # [K, 2B, *G, Cp]
+  return mc_dropout_statistics(samples)
+
+
+def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Array,
+                  step: jax.Array, *, model: PixSSLModel, method_cfg: ml_collections.ConfigDict,
+                  num_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Pixel-global SSL loss of one batch.
+
+  Args:
+    params: student params pytree (differentiated).
+    ema_params: teacher params pytree (EMA of the student; receives no gradient).
+    batch: `view1, view2 [B, *P, 1]` float32, `transform1, transform2 [B, n, n+1]` float32.
+    key: the step's dropout / MC key (already folded with the step).
+    step: current step (scalar, may be traced), drives the 'threshold' ramp.
+    model: the `PixSSLModel` (static).
+    method_cfg: the `method` ConfigDict (static), fields of `default_method_config()`.
+    num_steps: total training steps (static).
+
+  Returns:
+    `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
+    loss_pixel, uncertainty_mean, uncertainty_p90, overlap_fraction` (a disabled term's
+    metrics are 0). Uncertainty statistics are over valid (matched) cells.
+  """
+  use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
+  if not (use_global or use_pixel):
+    raise ValueError('method.use_global and method.use_pixel are both False: nothing to train')
+  match_mode = _get(method_cfg, 'match', 'inverse')
+  if match_mode not in MATCH_MODES:
+    raise ValueError(f'method.match must be one of {MATCH_MODES}, got {match_mode!r}')
+  if method_cfg.weighting not in WEIGHTING_FORMS:
+    raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, '
+                     f'got {method_cfg.weighting!r}')
+  view1, view2 = batch['view1'], batch['view2']
+  if view1.shape != view2.shape:
+    raise ValueError(f'batch view1 {view1.shape} and view2 {view2.shape} differ in shape')
+  b = view1.shape[0]
+  zero = jnp.zeros((), jnp.float32)
+
+  # 1. Student forward on both views as one batch [2B, *P, 1]: rows :B are view 1, B: view 2.
+  views = jnp.concatenate([view1, view2], axis=0)
+  student = model.apply({'params': params}, views, with_predictor=use_global)
+  # 2. Teacher forward, same batch; the teacher never runs the predictor or the stabilizer.
+  teacher = jax.lax.stop_gradient(
+      model.apply({'params': ema_params}, views, with_predictor=False))
+
+  # 3. Global consistency: prediction of each view against the teacher projection of the other.
+  loss_global = zero
+  if use_global:
+    pred, target = student['global_pred'], teacher['global_proj']
+    loss_global = global_consistency(pred[:b], pred[b:], target[:b], target[b:])
+
+  loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
+  if use_pixel:
+    # 4. Student pixel prediction: the stabilizer's MC mean (and its uncertainty), or the raw
+    #    projection when the stabilizer is ablated.
+    student_pix = student['pixel_proj']
+    if method_cfg.use_stabilizer:
+      pred_pix, uncertainty = _stabilized_prediction(
+          params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples))
+    else:
+      pred_pix = student_pix
+      uncertainty = jnp.zeros(student_pix.shape[:-1], jnp.float32)
+
+    # 5. Match teacher features of the other view, both directions in one call: student cells
+    #    of view 1 read teacher view 2 (T1 -> T2^-1) and vice versa.
+    t1, t2 = batch['transform1'], batch['transform2']
+    teacher_pix = teacher['pixel_proj']
+    other = jnp.concatenate([teacher_pix[b:], teacher_pix[:b]], axis=0)
+    t_src = jnp.concatenate([t1, t2], axis=0)
+    t_dst = jnp.concatenate([t2, t1], axis=0)
+    if match_mode == 'inverse':
+      matched, valid = match_features(other, t_src, t_dst, model.pixel_stride)
+    else:
+      matched, valid = match_features_by_distance(
+          other, t_src, t_dst, model.pixel_stride,
+          threshold=float(_get(method_cfg, 'match_distance', 0.7)))
+    discrepancy = cosine_discrepancy(pred_pix, matched)
+    threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
+                               float(method_cfg.threshold_end))
+    loss_pixel = weighted_pixel_loss(
+        discrepancy, valid, uncertainty, form=method_cfg.weighting, tau=float(method_cfg.tau),
+        eps=float(method_cfg.kendall_eps), threshold=threshold)
+
+    u_const = jax.lax.stop_gradient(uncertainty)
+    n_valid = jnp.sum(valid)
+    overlap = jnp.mean(valid.astype(jnp.float32))
+    u_mean = jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, u_const, 0.0))
+                       / jnp.maximum(n_valid, 1), 0.0)
+    u_p90 = jnp.nan_to_num(jnp.nanpercentile(jnp.where(valid, u_const, jnp.nan), 90.0))
+
+  # 6. Total; a disabled term is absent (not multiplied by zero).
+  loss = zero
+  if use_global:
+    loss = loss + float(method_cfg.lambda_global) * loss_global
+  if use_pixel:
+    loss = loss + float(method_cfg.lambda_pixel) * loss_pixel
+  metrics = {
+      'loss': loss,
+      'loss_global': loss_global,
+      'loss_pixel': loss_pixel,
+      'uncertainty_mean': u_mean,
+      'uncertainty_p90': u_p90,
+      'overlap_fraction': overlap,
+  }
+  return loss, metrics

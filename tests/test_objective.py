@@ -1,0 +1,175 @@
+"""Tests of the pre-training objective: ablation switches, MC dropout, gradients, jit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from pixssl_jax import losses
+from pixssl_jax.models.pixssl import build_model, init_params
+from pixssl_jax.train.objective import default_method_config, pretrain_loss
+
+TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
+            pixel_level=2, pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.2)
+PATCH = 16  # pixel grid 4x4 at stride 4
+METRICS = {'loss', 'loss_global', 'loss_pixel', 'uncertainty_mean', 'uncertainty_p90',
+           'overlap_fraction'}
+
+
+def _transform(offset, flip0=False):
+  a = np.eye(2)
+  b = np.asarray(offset, np.float64)
+  if flip0:
+    a[0, 0] = -1.0
+    b[0] += PATCH - 1
+  return np.concatenate([a, b[:, None]], 1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(dropout=0.2):
+  model = build_model(ml_collections.ConfigDict(dict(TINY, stabilizer_dropout=dropout)), ndim=2)
+  # rbg keys: jit-compiling init with threefry keys costs seconds per compile on CPU.
+  init = jax.jit(lambda k: init_params(model, k, (1, PATCH, PATCH, 1)))
+  params = init(jax.random.key(0, impl='rbg'))
+  ema_params = init(jax.random.key(1, impl='rbg'))
+  rng = np.random.default_rng(0)
+  batch = {
+      'view1': jnp.asarray(rng.random((2, PATCH, PATCH, 1)), jnp.float32),
+      'view2': jnp.asarray(rng.random((2, PATCH, PATCH, 1)), jnp.float32),
+      'transform1': jnp.asarray(np.stack([_transform((0, 0)), _transform((0, 0))])),
+      # Sample 0 shifted by (1, 2) cells; sample 1 by (0, 1) cell and flipped.
+      'transform2': jnp.asarray(np.stack([_transform((4, 8)), _transform((0, 4), True)])),
+  }
+  return model, params, ema_params, batch
+
+
+def _cfg(**overrides):
+  cfg = default_method_config()
+  cfg.lambda_global, cfg.lambda_pixel, cfg.mc_samples = 2.0, 0.5, 4
+  cfg.update(overrides)
+  return cfg
+
+
+def _loss(cfg, dropout=0.2, step=0):
+  """Eager loss: after the first call the per-op compile cache makes each config cheap,
+  where a jit would compile every config afresh."""
+  model, params, ema, batch = _setup(dropout)
+  return pretrain_loss(params, ema, batch, jax.random.key(3), step, model=model,
+                       method_cfg=cfg, num_steps=10)
+
+
+@pytest.fixture(scope='module')
+def full():
+  return _loss(_cfg())
+
+
+def test_full_loss_and_metrics(full):
+  loss, metrics = full
+  assert set(metrics) == METRICS
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(loss) == pytest.approx(2.0 * float(metrics['loss_global'])
+                                      + 0.5 * float(metrics['loss_pixel']), rel=1e-6)
+  # Overlaps 3/4 * 2/4 and 4/4 * 3/4 cells, the same in both directions.
+  assert float(metrics['overlap_fraction']) == pytest.approx((0.375 + 0.75) / 2)
+  assert 0 < float(metrics['uncertainty_mean']) <= float(metrics['uncertainty_p90']) < 1 / 16
+
+
+def test_each_ablation_switch_removes_exactly_its_term(full):
+  _, m = full
+  loss_p, mp = _loss(_cfg(use_global=False))
+  assert float(loss_p) == pytest.approx(0.5 * float(m['loss_pixel']), rel=1e-6)
+  assert float(mp['loss_global']) == 0.0
+  loss_g, mg = _loss(_cfg(use_pixel=False))
+  assert float(loss_g) == pytest.approx(2.0 * float(m['loss_global']), rel=1e-6)
+  assert float(mg['loss_pixel']) == 0.0 and float(mg['overlap_fraction']) == 0.0
+  with pytest.raises(ValueError, match='nothing to train'):
+    _loss(_cfg(use_global=False, use_pixel=False))
+
+
+def test_without_stabilizer_the_projection_is_compared_directly():
+  model, params, ema, batch = _setup()
+  _, m = _loss(_cfg(use_global=False, use_stabilizer=False))
+  views = jnp.concatenate([batch['view1'], batch['view2']])
+  student = model.apply({'params': params}, views)['pixel_proj']
+  teacher = model.apply({'params': ema}, views)['pixel_proj']
+  matched, valid = losses.match_features(
+      jnp.concatenate([teacher[2:], teacher[:2]]),
+      jnp.concatenate([batch['transform1'], batch['transform2']]),
+      jnp.concatenate([batch['transform2'], batch['transform1']]), stride=4)
+  d = np.asarray(losses.cosine_discrepancy(student, matched))
+  assert float(m['loss_pixel']) == pytest.approx(d[np.asarray(valid)].mean(), rel=1e-5)
+  assert float(m['uncertainty_mean']) == 0.0
+
+
+def test_mc_dropout_uncertainty():
+  _, with_mc = _loss(_cfg())
+  _, one_sample = _loss(_cfg(mc_samples=1))
+  assert float(with_mc['uncertainty_mean']) > 0
+  assert float(one_sample['uncertainty_mean']) == 0.0
+  # Dropout rate 0: K samples are identical, the variance is 0, 'exp' weighting = plain mean.
+  _, exp_rate0 = _loss(_cfg(weighting='exp'), dropout=0.0)
+  _, none_rate0 = _loss(_cfg(weighting='none'), dropout=0.0)
+  assert float(exp_rate0['uncertainty_mean']) == 0.0
+  assert float(exp_rate0['loss_pixel']) == pytest.approx(float(none_rate0['loss_pixel']),
+                                                         rel=1e-6)
+  # ... while with dropout the weighting changes the loss.
+  _, none_mc = _loss(_cfg(weighting='none'))
+  assert float(none_mc['loss_pixel']) != float(with_mc['loss_pixel'])
+
+
+def test_gradients_reach_the_student_only():
+  model, params, ema, batch = _setup()
+  f = functools.partial(pretrain_loss, batch=batch, key=jax.random.key(3), step=0,
+                        model=model, method_cfg=_cfg(), num_steps=10)
+  g_student, g_teacher = jax.jit(jax.grad(lambda p, e: f(p, e)[0], argnums=(0, 1)))(params, ema)
+  for leaf in jax.tree_util.tree_leaves(g_teacher):
+    np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+  for name in ('backbone', 'projector', 'predictor', 'pixel_projector', 'stabilizer'):
+    norms = [float(jnp.linalg.norm(x)) for x in jax.tree_util.tree_leaves(g_student[name])]
+    assert all(np.isfinite(norms)) and sum(norms) > 0, name
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(weighting='kendall'),
+    dict(weighting='threshold', threshold_start=0.0, threshold_end=1.0),
+    dict(match='distance'),
+])
+def test_other_forms_run(full, overrides):
+  loss, m = _loss(_cfg(**overrides), step=5)
+  assert np.isfinite(float(loss))
+  if overrides.get('match') == 'distance':  # whole-cell shifts: the same cells match
+    assert float(m['overlap_fraction']) == pytest.approx(float(full[1]['overlap_fraction']))
+
+
+def test_threshold_ramp_selects_pixels():
+  """A threshold of 0 keeps no pixel (loss 0); one above every u keeps them all."""
+  _, none = _loss(_cfg(weighting='none'))
+  _, closed = _loss(_cfg(weighting='threshold', threshold_start=0.0, threshold_end=0.0))
+  _, open_ = _loss(_cfg(weighting='threshold', threshold_start=1.0, threshold_end=1.0))
+  assert float(closed['loss_pixel']) == 0.0
+  assert float(open_['loss_pixel']) == pytest.approx(float(none['loss_pixel']), rel=1e-6)
+
+
+def test_jit_with_static_model_and_config_matches_eager(full):
+  model, params, ema, batch = _setup()
+  step_fn = jax.jit(functools.partial(pretrain_loss, model=model, method_cfg=_cfg(),
+                                      num_steps=10))
+  loss, metrics = step_fn(params, ema, batch, jax.random.key(3), jnp.int32(0))
+  for name, value in metrics.items():
+    assert float(value) == pytest.approx(float(full[1][name]), rel=1e-4, abs=1e-7), name
+  assert float(loss) == pytest.approx(float(full[0]), rel=1e-4)
+  # Batch-size agnostic: sample 0 alone has its own overlap 3/4 * 2/4.
+  _, one = step_fn(params, ema, {k: v[:1] for k, v in batch.items()}, jax.random.key(3),
+                   jnp.int32(0))
+  assert float(one['overlap_fraction']) == pytest.approx(0.375)
+  assert all(np.isfinite(float(v)) for v in one.values())
+
+
+def test_bad_method_fields_are_named():
+  with pytest.raises(ValueError, match='method.weighting'):
+    _loss(_cfg(weighting='softmax'))
+  with pytest.raises(ValueError, match='method.match'):
+    _loss(_cfg(match='nearest'))
