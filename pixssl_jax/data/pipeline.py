@@ -6,13 +6,16 @@ source is the list of case ids of a split, so a record is cheap to read and the
 store's memory-mapped cache does the I/O inside the random transform.
 
 Each JAX process passes `shard_index=jax.process_index()` and
-`shard_count=jax.process_count()` (this package never imports jax) and gets a
-disjoint part of the split; `batch_size` is per process. The loaders return a
+`shard_count=jax.process_count()` (this package never imports jax); `batch_size`
+is per process. The processes read disjoint positions of one global stream
+(`GlobalShuffleSampler`), so the global batch of a step is the same for any
+number of processes: a run's result does not depend on how many hosts ran it. The loaders return a
 `grain.DataLoader`; `iter(loader)` is checkpointable with
 `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)` in an
 orbax `Composite`, or `iterator.get_state()` / `set_state()` (bytes).
 """
 import hashlib
+import sys
 from typing import Any, Iterator, Optional
 
 import grain
@@ -25,48 +28,93 @@ from pixssl_jax.data import views
 # Foreground coordinates kept per case for oversampling; a strided subset of a
 # large organ is as good as all of it and bounds the per-worker cache.
 _MAX_FOREGROUND_COORDS = 50_000
-# Endless loaders repeat the case list to at least this many records per sampler epoch.
-_MIN_RECORDS_PER_EPOCH = 4096
 
 
 class CaseIdSource:
-  """Random-access source over the case ids of one split, each id repeated.
-
-  Records are laid out case-major (record k is case `k // repeats`), so grain's
-  contiguous shards of the records are contiguous, disjoint sets of cases as
-  long as the number of cases is a multiple of the shard count: the source
-  drops the last `len(split) % shard_count` cases, as `drop_remainder` would.
-  Repeats exist because grain's IndexSampler pays about 20 ms per epoch
-  boundary (PITFALLS.md): with 3 cases an epoch lasts 3 records, which halved
-  the 2-D demo loader's speed.
+  """Random-access source over the case ids of one split.
 
   grain checks `repr(data_source)` when restoring an iterator, so the repr is
-  built only from the store's repr, the split, the repeats and a digest of the ids.
+  built only from the store's repr, the split and a digest of the ids.
   """
 
-  def __init__(self, store: Any, split: str, shard_count: int = 1, repeats: int = 1):
-    ids = tuple(store.split(split))
-    if len(ids) < shard_count:
-      raise ValueError(f'split {split!r} of {store!r} has {len(ids)} cases, '
-                       f'fewer than {shard_count} shards')
-    self._ids = ids[:len(ids) - len(ids) % shard_count]
-    self._repeats = int(repeats)
+  def __init__(self, store: Any, split: str):
+    self._ids = tuple(store.split(split))
+    if not self._ids:
+      raise ValueError(f'split {split!r} of {store!r} has no cases')
     digest = hashlib.sha1('\n'.join(self._ids).encode()).hexdigest()[:12]
     self._repr = (f'CaseIdSource(store={store!r}, split={split!r}, '
-                  f'num_cases={len(self._ids)}, repeats={self._repeats}, ids_sha1={digest})')
+                  f'num_cases={len(self._ids)}, ids_sha1={digest})')
 
   @property
   def case_ids(self) -> tuple[str, ...]:
     return self._ids
 
   def __len__(self) -> int:
-    return len(self._ids) * self._repeats
+    return len(self._ids)
 
   def __getitem__(self, index: int) -> str:
-    return self._ids[index // self._repeats]
+    return self._ids[index]
 
   def __repr__(self) -> str:
     return self._repr
+
+
+class GlobalShuffleSampler:
+  """A global stream of records, read as consecutive slices of each global batch.
+
+  The stream is a fresh seeded permutation of the records per epoch. Global batch k holds
+  stream positions [k B, (k + 1) B), B = shard_count * local_batch, and shard p reads the
+  slice [k B + p b, k B + (p + 1) b), b = local_batch. So the global batch of a step, in order,
+  is the same for any number of processes, and within every epoch each record is read by
+  exactly one process. grain's IndexSampler instead shuffles each shard's own block of records,
+  so its global batches change with the process count. The rng of a record is
+  Philox(seed + stream position), as in IndexSampler, so augmentations are the same too. The
+  DataLoader asks for index j = i * shard_count + shard_index for the i-th record of a shard
+  (its ShardOptions striding); `__getitem__` maps that to the stream position.
+  """
+
+  def __init__(self, num_records: int, seed: int, num_epochs: Optional[int] = None,
+               shard_count: int = 1, local_batch: int = 1):
+    if num_records < 1:
+      raise ValueError(f'num_records must be positive, got {num_records}')
+    self._num_records = int(num_records)
+    self._seed = int(seed)
+    self._num_epochs = num_epochs
+    self._shard_count = int(shard_count)
+    self._local_batch = int(local_batch)
+    self._cached_epoch, self._cached_order = -1, None
+
+  def __len__(self) -> int:
+    if self._num_epochs is None:
+      return sys.maxsize
+    global_batch = self._shard_count * self._local_batch
+    return self._num_records * self._num_epochs // global_batch * global_batch
+
+  def __repr__(self) -> str:  # grain compares it when restoring an iterator.
+    return (f'GlobalShuffleSampler(num_records={self._num_records}, seed={self._seed}, '
+            f'num_epochs={self._num_epochs}, shard_count={self._shard_count}, '
+            f'local_batch={self._local_batch})')
+
+  def stream_position(self, index: int) -> int:
+    """The global stream position read at DataLoader index `index`."""
+    i, shard = divmod(index, self._shard_count)
+    batch, offset = divmod(i, self._local_batch)
+    return (batch * self._shard_count + shard) * self._local_batch + offset
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch != self._cached_epoch:
+      rng = np.random.default_rng([self._seed, epoch])
+      self._cached_epoch, self._cached_order = epoch, rng.permutation(self._num_records)
+    return self._cached_order
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if index < 0 or index >= len(self):
+      raise IndexError(f'sampler index {index} out of range [0, {len(self)})')
+    position = self.stream_position(index)
+    epoch, offset = divmod(position, self._num_records)
+    return grain.RecordMetadata(
+        index=position, record_key=int(self._order(epoch)[offset]),
+        rng=np.random.Generator(np.random.Philox(key=self._seed + position)))
 
 
 class MakeViewPair(grain.transforms.RandomMap):
@@ -156,18 +204,9 @@ def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
-  if not store.split(split):
-    raise ValueError(f'split {split!r} of {store!r} has no cases')
-  repeats = 1
-  if num_epochs is None:
-    # Endless: long sampler epochs make grain's per-epoch cost negligible.
-    num_cases = len(store.split(split))
-    repeats = -(-_MIN_RECORDS_PER_EPOCH // max(num_cases - num_cases % shard_count, 1))
-  source = CaseIdSource(store, split, shard_count, repeats)
+  source = CaseIdSource(store, split)
   shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True,
-      num_epochs=num_epochs, seed=int(seed))
+  sampler = GlobalShuffleSampler(len(source), seed, num_epochs, shard_count, batch_size)
   if worker_count is None:
     worker_count = int(data_cfg.get('worker_count', 0))
   # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (PITFALLS.md).
@@ -191,7 +230,7 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
     data_cfg: the `data` config (see `views.default_data_config`).
     batch_size: examples per batch in this process.
     seed: shuffle and augmentation seed (0 <= seed < 2**32).
-    shard_index, shard_count: this process's shard of the split.
+    shard_index, shard_count: this process's share of the global stream.
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.
     num_epochs: None repeats forever.
     split: store split to read.
@@ -218,7 +257,7 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
     split: labelled split, e.g. 'train_10'.
     batch_size: examples per batch in this process.
     seed: shuffle and augmentation seed.
-    shard_index, shard_count: this process's shard of the split.
+    shard_index, shard_count: this process's share of the global stream.
     foreground_prob: probability of centring a crop on a foreground voxel.
     flip: random flip per axis (same for image and label).
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.

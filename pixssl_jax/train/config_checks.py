@@ -9,7 +9,8 @@ import uuid
 import ml_collections
 from etils import epath
 
-WEIGHTING_FORMS = ('exp', 'kendall', 'threshold', 'none')
+from pixssl_jax.losses import WEIGHTING_FORMS
+from pixssl_jax.train.objective import MATCH_MODES
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,12 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
   if bad_groups:
     problems.append(f'config.model.features={tuple(model.features)}: {bad_groups} not divisible '
                     f'by config.model.num_groups={model.num_groups} (GroupNorm).')
+  if model.proj_hidden % model.num_groups:
+    problems.append(f'config.model.proj_hidden={model.proj_hidden} (also the pixel projector '
+                    f'width) is not divisible by config.model.num_groups={model.num_groups}.')
+  if not 0.0 <= model.stabilizer_dropout < 1.0:
+    problems.append(f'config.model.stabilizer_dropout={model.stabilizer_dropout}: must be in '
+                    '[0, 1).')
   if model.dtype not in ('float32', 'bfloat16'):
     problems.append(f"config.model.dtype={model.dtype!r}: use 'float32' or 'bfloat16'.")
   if config.batch_size % device_count:
@@ -50,6 +57,8 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
   if method.weighting not in WEIGHTING_FORMS:
     problems.append(f'config.method.weighting={method.weighting!r}: choose one of '
                     f'{WEIGHTING_FORMS}.')
+  if method.match not in MATCH_MODES:
+    problems.append(f'config.method.match={method.match!r}: choose one of {MATCH_MODES}.')
   if method.mc_samples < 1:
     problems.append(f'config.method.mc_samples={method.mc_samples}: must be >= 1.')
   if not (method.use_global or method.use_pixel):

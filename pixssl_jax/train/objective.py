@@ -6,8 +6,6 @@ params. It is a pure function; `model`, `method_cfg` and `num_steps` are static 
 global batch and any sharding of it.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,11 +52,6 @@ def default_method_config() -> ml_collections.ConfigDict:
   })
 
 
-def _get(cfg: ml_collections.ConfigDict, name: str, default: Any) -> Any:
-  """Optional fields, so configs written before a field existed keep working."""
-  return cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
-
-
 def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
                            model: PixSSLModel, mc_samples: int
                            ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -99,7 +92,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
   if not (use_global or use_pixel):
     raise ValueError('method.use_global and method.use_pixel are both False: nothing to train')
-  match_mode = _get(method_cfg, 'match', 'inverse')
+  match_mode = method_cfg.match
   if match_mode not in MATCH_MODES:
     raise ValueError(f'method.match must be one of {MATCH_MODES}, got {match_mode!r}')
   if method_cfg.weighting not in WEIGHTING_FORMS:
@@ -148,7 +141,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     else:
       matched, valid = match_features_by_distance(
           other, t_src, t_dst, model.pixel_stride,
-          threshold=float(_get(method_cfg, 'match_distance', 0.7)))
+          threshold=float(method_cfg.match_distance))
     discrepancy = cosine_discrepancy(pred_pix, matched)
     threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
                                float(method_cfg.threshold_end))

@@ -1,0 +1,99 @@
+"""Two local processes x 4 CPU devices run the real pre-training like one process x 8 devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pixssl_jax.models import pixssl
+from pixssl_jax.train import checkpointing
+from pixssl_jax.train import mesh as mesh_lib
+from pixssl_jax.train import state as state_lib
+from pixssl_jax.train import step as step_lib
+from tests.helpers import load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OVERRIDES = ('--config.num_steps=3', '--config.checkpoint_every=10', '--config.seed=5')
+
+
+def main_command(workdir, *extra):
+  return [sys.executable, '-m', 'pixssl_jax.main', '--config', 'configs/pretrain.py:tiny',
+          '--workdir', str(workdir), *OVERRIDES, *extra]
+
+
+def environment(devices):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu')
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def losses(workdir):
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return {r['step']: r['train/loss'] for r in map(json.loads, lines)}
+
+
+def restore_params_on_one_device(workdir):
+  """Restores a checkpoint onto a 1-device mesh, whatever topology wrote it."""
+  config = load_config('tiny')
+  mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
+  model = pixssl.build_model(config.model, config.data.ndim)
+  tx = state_lib.make_optimizer(config.optim, 3)
+  template = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, config, mesh))
+  template = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)),
+      template)
+  manager = checkpointing.make_manager(str(workdir), keep=3)
+  state, step, data_restored = checkpointing.restore_latest(manager, template, None)
+  return state, step, data_restored
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  two = tmp_path_factory.mktemp('two_processes')
+  one = tmp_path_factory.mktemp('one_process')
+  address = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen(
+      ['timeout', '-s', 'KILL', '400',  # SIGKILL: jax.distributed processes ignore SIGTERM.
+       *main_command(two, '--coordinator_address', address, '--num_processes', '2',
+                     '--process_id', str(i))],
+      cwd=REPO, env=environment(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  single = subprocess.run(['timeout', '-s', 'KILL', '400', *main_command(one)], cwd=REPO,
+                          env=environment(8), capture_output=True, text=True)
+  outputs = [p.communicate() for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert single.returncode == 0, single.stderr[-3000:]
+  return two, one, outputs
+
+
+def test_two_processes_match_one_process_with_eight_devices(runs):
+  two, one, outputs = runs
+  assert '2 process(es), 8 cpu device(s)' in outputs[0][0]
+  assert 'step 3/3' in outputs[0][0]
+  assert 'step ' not in outputs[1][0]  # Only process 0 prints progress and writes logs.
+  multi, single = losses(two), losses(one)
+  assert sorted(multi) == sorted(single) == [1, 2, 3]
+  for step in single:
+    np.testing.assert_allclose(multi[step], single[step], rtol=1e-5, err_msg=f'step {step}')
+
+
+def test_multi_process_checkpoint_restores_on_one_device(runs):
+  two, one, _ = runs
+  assert checkpointing.make_manager(str(two), keep=3).all_steps() == [3]
+  state, step, data_restored = restore_params_on_one_device(two)
+  reference, _, _ = restore_params_on_one_device(one)
+  assert step == 3 and not data_restored  # Iterator state belongs to 2 processes, not 1.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state.params), jax.device_get(reference.params))
