@@ -65,6 +65,9 @@ def _model_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # Compute dtype; parameters are always float32.
   model.proj_hidden = 256  # Global projector/predictor MLP [default: BYOL shape, smaller].
   model.proj_dim = 128
+  # Norm of the global MLP heads: 'batch' (statistics over the global batch, as BYOL; under jit
+  # this is sharding-independent) or 'layer' (per sample; collapses the global branch early).
+  model.head_norm = 'batch'
   model.pixel_level = 2  # Decoder level of the pixel features: stride 2**pixel_level.
   model.pixel_proj_dim = 64
   model.stabilizer_hidden = 128  # Context stabilizer: 1x1-conv MLP with dropout [default].

@@ -40,7 +40,7 @@ def test_tiny_run_writes_config_checkpoints_and_logs(tiny_run):
   assert [r['step'] for r in records] == [1, 2, 3, 4]
   for key in ('train/loss', 'train/loss_global', 'train/loss_pixel', 'train/uncertainty_mean',
               'train/uncertainty_p90', 'train/overlap_fraction', 'train/ema_momentum',
-              'train/lr', 'train/grad_norm'):
+              'train/lr', 'train/grad_norm', 'train/projection_std'):
     assert key in records[-1], key
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
 

@@ -13,10 +13,11 @@ from pixssl_jax.models.pixssl import build_model, init_params
 from pixssl_jax.train.objective import default_method_config, pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
-            pixel_level=2, pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.2)
+            pixel_level=2, pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.2,
+            head_norm='batch')
 PATCH = 16  # pixel grid 4x4 at stride 4
 METRICS = {'loss', 'loss_global', 'loss_pixel', 'uncertainty_mean', 'uncertainty_p90',
-           'overlap_fraction'}
+           'overlap_fraction', 'projection_std'}
 
 
 def _transform(offset, flip0=False):
@@ -75,6 +76,8 @@ def test_full_loss_and_metrics(full):
   # Overlaps 3/4 * 2/4 and 4/4 * 3/4 cells, the same in both directions.
   assert float(metrics['overlap_fraction']) == pytest.approx((0.375 + 0.75) / 2)
   assert 0 < float(metrics['uncertainty_mean']) <= float(metrics['uncertainty_p90']) < 1 / 16
+  # Unit vectors: the mean per-dimension std is at most sqrt(1 / D) (D = 16), 0 on collapse.
+  assert 0 < float(metrics['projection_std']) <= 0.25
 
 
 def test_each_ablation_switch_removes_exactly_its_term(full):

@@ -38,6 +38,7 @@ class PixSSLModel(nn.Module):
     pixel_proj_dim: pixel projection width `Cp`.
     stabilizer_hidden: hidden width of the context stabilizer.
     stabilizer_dropout: dropout rate inside the stabilizer (0 disables MC dropout).
+    head_norm: norm of the global MLP heads, 'batch' (BYOL) or 'layer'.
   """
   ndim: int
   features: Sequence[int] = (16, 32, 64, 128)
@@ -49,6 +50,7 @@ class PixSSLModel(nn.Module):
   pixel_proj_dim: int = 64
   stabilizer_hidden: int = 128
   stabilizer_dropout: float = 0.1
+  head_norm: str = 'batch'
 
   @property
   def downsampling_factor(self) -> int:
@@ -63,8 +65,8 @@ class PixSSLModel(nn.Module):
   def setup(self):
     _validate(self)
     self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype)
-    self.projector = MLPHead(self.proj_hidden, self.proj_dim, self.dtype)
-    self.predictor = MLPHead(self.proj_hidden, self.proj_dim, self.dtype)
+    self.projector = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
+    self.predictor = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
     self.pixel_projector = PixelProjector(self.proj_hidden, self.pixel_proj_dim, self.num_groups,
                                           self.dtype)
     self.stabilizer = ContextStabilizer(self.stabilizer_hidden, self.pixel_proj_dim,
@@ -152,7 +154,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       pixel_level=int(model_cfg.pixel_level),
       pixel_proj_dim=int(model_cfg.pixel_proj_dim),
       stabilizer_hidden=int(model_cfg.stabilizer_hidden),
-      stabilizer_dropout=float(model_cfg.stabilizer_dropout))
+      stabilizer_dropout=float(model_cfg.stabilizer_dropout),
+      head_norm=str(model_cfg.head_norm))
   _validate(model)
   return model
 

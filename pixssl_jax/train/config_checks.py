@@ -46,6 +46,8 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
   if not 0.0 <= model.stabilizer_dropout < 1.0:
     problems.append(f'config.model.stabilizer_dropout={model.stabilizer_dropout}: must be in '
                     '[0, 1).')
+  if model.head_norm not in ('batch', 'layer'):
+    problems.append(f"config.model.head_norm={model.head_norm!r}: use 'batch' or 'layer'.")
   if model.dtype not in ('float32', 'bfloat16'):
     problems.append(f"config.model.dtype={model.dtype!r}: use 'float32' or 'bfloat16'.")
   if config.batch_size % device_count:

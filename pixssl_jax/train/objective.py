@@ -12,6 +12,7 @@ import ml_collections
 
 from pixssl_jax.losses import cosine_discrepancy
 from pixssl_jax.losses import global_consistency
+from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
 from pixssl_jax.losses import match_features_by_distance
 from pixssl_jax.losses import mc_dropout_statistics
@@ -86,8 +87,8 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   Returns:
     `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
-    loss_pixel, uncertainty_mean, uncertainty_p90, overlap_fraction` (a disabled term's
-    metrics are 0). Uncertainty statistics are over valid (matched) cells.
+    loss_pixel, uncertainty_mean, uncertainty_p90, overlap_fraction, projection_std` (a
+    disabled term's metrics are 0). Uncertainty statistics are over valid (matched) cells.
   """
   use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
   if not (use_global or use_pixel):
@@ -116,6 +117,10 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   if use_global:
     pred, target = student['global_pred'], teacher['global_proj']
     loss_global = global_consistency(pred[:b], pred[b:], target[:b], target[b:])
+  # Collapse monitor (SimSiam): per-dimension std over the batch of the unit-normalised student
+  # projections; about 1/sqrt(D) when healthy, 0 when every view maps to the same vector.
+  projection_std = jnp.mean(jnp.std(
+      l2_normalize(jax.lax.stop_gradient(student['global_proj'])), axis=0))
 
   loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
   if use_pixel:
@@ -169,5 +174,6 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
       'uncertainty_mean': u_mean,
       'uncertainty_p90': u_p90,
       'overlap_fraction': overlap,
+      'projection_std': projection_std,
   }
   return loss, metrics
