@@ -6,12 +6,12 @@ the iterator state belongs to. Randomness is folded from (seed, step), so nothin
 needed to replay a run exactly.
 """
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 from etils import epath
 
 
@@ -19,28 +19,47 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / 'checkpoints'
 
 
-def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager over `WORKDIR/checkpoints` keeping the last `keep` checkpoints.
+def make_manager(workdir: str, *, keep: int, best_metric: str | None = None,
+                 best_mode: str = 'max', async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager over `WORKDIR/checkpoints` keeping the last `keep` checkpoints (plus the best).
 
   Saves are asynchronous (the loop only waits for the device-to-host copy) and atomic: Orbax
   writes into a temporary directory and renames it when complete, so a crash mid-save leaves the
   previous checkpoint as the latest usable one.
+
+  Args:
+    workdir: the run directory.
+    keep: how many of the latest checkpoints to keep.
+    best_metric: if set, the checkpoint with the best value of this metric (passed to `save`)
+      is kept too, however old.
+    best_mode: 'max' or 'min', what "best" means for `best_metric`.
+    async_save: write in a background thread.
   """
+  policy = preservation_policy.LatestN(keep)
+  if best_metric is not None:
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    policy = preservation_policy.AnyPreservationPolicy([policy, preservation_policy.BestN(
+        get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min', n=1,
+        keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
+      create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+      preservation_policy=policy)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('state', 'data', 'meta'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         *, force: bool = False) -> bool:
-  """Saves state, iterator position and metadata as step `step` (all processes call this)."""
+         *, force: bool = False, metrics: dict[str, float] | None = None) -> bool:
+  """Saves state, iterator position and metadata as step `step` (all processes call this).
+
+  `metrics` (host floats) are what a manager with `best_metric` ranks checkpoints by.
+  """
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
       meta=ocp.args.JsonSave({'step': int(step), 'process_count': jax.process_count()}))
-  return manager.save(step, args=args, force=force)
+  return manager.save(step, args=args, force=force, metrics=metrics)
 
 
 def abstract_like(state: Any) -> Any:
@@ -76,16 +95,3 @@ def restore_latest(manager: ocp.CheckpointManager, state_template: Any,
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored['state'], step, restore_data
-
-
-def latest_step(workdir: str) -> int | None:
-  """The latest complete checkpoint step in `workdir`, without building a manager."""
-  directory = checkpoint_dir(workdir)
-  if not directory.exists():
-    return None
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-  return max(steps) if steps else None
-
-
-def is_local(path: str) -> bool:
-  return '://' not in os.fspath(path)
