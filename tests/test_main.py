@@ -42,7 +42,10 @@ def test_tiny_run_writes_config_checkpoints_and_logs(tiny_run):
               'train/uncertainty_p90', 'train/overlap_fraction', 'train/ema_momentum',
               'train/lr', 'train/grad_norm', 'train/projection_std'):
     assert key in records[-1], key
-  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  events = b''.join(p.read_bytes() for p in (workdir / 'tensorboard').glob('events.out.*'))
+  for tag in (b'train/loss', b'images/view1', b'images/view2', b'images/overlap',
+              b'images/uncertainty'):
+    assert tag in events, tag
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):

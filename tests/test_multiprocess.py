@@ -97,3 +97,4 @@ def test_multi_process_checkpoint_restores_on_one_device(runs):
   assert step == 3 and not data_restored  # Iterator state belongs to 2 processes, not 1.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(state.params), jax.device_get(reference.params))
+

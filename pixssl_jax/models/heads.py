@@ -55,24 +55,30 @@ class MLPHead(nn.Module):
     out: output width.
     dtype: compute dtype.
     norm: 'batch' (statistics over the batch, as BYOL; the default) or 'layer' (per sample).
+    output_bias: False for the projector ahead of a batch-normed predictor, where the bias
+      would get no gradient (the predictor's norm removes it) and drift on rounding noise.
   """
   hidden: int
   out: int
   dtype: Any = jnp.float32
   norm: str = 'batch'
+  output_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Maps `[B, Cin]` to `[B, out]` float32."""
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='dense0')(x)
+    # No bias before a batch norm: the norm removes it, so its gradient is pure rounding noise,
+    # which Adam would scale up to full-size updates.
+    x = nn.Dense(self.hidden, use_bias=self.norm != 'batch', dtype=self.dtype,
+                 param_dtype=jnp.float32, name='dense0')(x)
     if self.norm == 'batch':
       x = BatchStatsNorm(name='norm')(x)
     elif self.norm == 'layer':
       x = _layer_norm_f32(x, 'norm')
     else:
       raise ValueError(f"model.head_norm must be 'batch' or 'layer', got {self.norm!r}")
-    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32,
-                 name='dense1')(nn.relu(x))
+    x = nn.Dense(self.out, use_bias=self.output_bias, dtype=self.dtype,
+                 param_dtype=jnp.float32, name='dense1')(nn.relu(x))
     return x.astype(jnp.float32)
 
 

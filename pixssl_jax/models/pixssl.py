@@ -65,7 +65,8 @@ class PixSSLModel(nn.Module):
   def setup(self):
     _validate(self)
     self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype)
-    self.projector = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
+    self.projector = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm,
+                             output_bias=self.head_norm != 'batch')
     self.predictor = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
     self.pixel_projector = PixelProjector(self.proj_hidden, self.pixel_proj_dim, self.num_groups,
                                           self.dtype)

@@ -68,6 +68,8 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
   for field in ('num_steps', 'checkpoint_every', 'log_every', 'keep_checkpoints'):
     if config[field] < 1:
       problems.append(f'config.{field}={config[field]}: must be >= 1.')
+  if config.image_every < 0:
+    problems.append(f'config.image_every={config.image_every}: must be >= 0 (0 disables).')
   return problems
 
 

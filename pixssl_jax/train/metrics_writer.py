@@ -10,6 +10,7 @@ import math
 import time
 from typing import Mapping
 
+import numpy as np
 from etils import epath
 
 
@@ -42,11 +43,15 @@ class MetricsWriter:
     self._last_time = None
     self._last_step = None
     self._tb = None
-    self._jsonl = None
+    self._jsonl_path = epath.Path(workdir) / 'metrics.jsonl'
+    # Cloud storage objects cannot be appended to: there the file is rewritten whole.
+    self._appendable = '://' not in str(workdir)
+    self._jsonl_lines = []
     if enabled:
       from tensorboardX import SummaryWriter  # Import only where it is used: process 0.
       self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / 'tensorboard'))
-      self._jsonl = (epath.Path(workdir) / 'metrics.jsonl').open('a')
+      if not self._appendable and self._jsonl_path.exists():
+        self._jsonl_lines = self._jsonl_path.read_text().splitlines(keepends=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = 'train') -> None:
     """Logs `scalars` at `step` (the number of completed steps) and prints a progress line."""
@@ -62,9 +67,25 @@ class MetricsWriter:
     for key, value in values.items():
       self._tb.add_scalar(key, value, step)
     self._tb.flush()
-    self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': int(step), **values}) + '\n'
+    if self._appendable:
+      with self._jsonl_path.open('a') as f:
+        f.write(line)
+    else:
+      self._jsonl_lines.append(line)
+      self._jsonl_path.write_text(''.join(self._jsonl_lines))
     self._print(self._progress_line(step, values, prefix))
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Logs `[H, W]` images to TensorBoard, each scaled to [0, 1] by its own range."""
+    if not self._enabled:
+      return
+    for key, image in images.items():
+      image = np.asarray(image, np.float32)
+      low, high = float(image.min()), float(image.max())
+      image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+      self._tb.add_image(key, image[None], step, dataformats='CHW')
+    self._tb.flush()
 
   def _progress_line(self, step: int, values: Mapping[str, float], prefix: str) -> str:
     get = lambda k: values.get(f'{prefix}/{k}', float('nan'))
@@ -82,4 +103,3 @@ class MetricsWriter:
   def close(self) -> None:
     if self._enabled:
       self._tb.close()
-      self._jsonl.close()

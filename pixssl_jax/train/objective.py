@@ -70,6 +70,64 @@ def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
   return mc_dropout_statistics(samples)
 
 
+def _pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray,
+                       batch: dict[str, jax.Array], key: jax.Array, *, model: PixSSLModel,
+                       method_cfg: ml_collections.ConfigDict):
+  """Student pixel predictions with their uncertainty, and the matched teacher targets.
+
+  Args:
+    params: student params.
+    student_pix, teacher_pix: `[2B, *G, Cp]` pixel projections of (view 1; view 2).
+    batch: the batch (for its transforms).
+    key: dropout key of the MC samples.
+    model: the module (static).
+    method_cfg: the `method` config (static).
+
+  Returns:
+    `(prediction [2B, *G, Cp], uncertainty [2B, *G], matched [2B, *G, Cp], valid [2B, *G])`.
+  """
+  b = student_pix.shape[0] // 2
+  # 4. The stabilizer's MC mean and its uncertainty, or the raw projection when ablated.
+  if method_cfg.use_stabilizer:
+    pred_pix, uncertainty = _stabilized_prediction(
+        params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples))
+  else:
+    pred_pix = student_pix
+    uncertainty = jnp.zeros(student_pix.shape[:-1], jnp.float32)
+  # 5. Teacher features of the other view, both directions in one call: student cells of
+  #    view 1 read teacher view 2 (T1 -> T2^-1) and vice versa.
+  t1, t2 = batch['transform1'], batch['transform2']
+  other = jnp.concatenate([teacher_pix[b:], teacher_pix[:b]], axis=0)
+  t_src = jnp.concatenate([t1, t2], axis=0)
+  t_dst = jnp.concatenate([t2, t1], axis=0)
+  if method_cfg.match == 'inverse':
+    matched, valid = match_features(other, t_src, t_dst, model.pixel_stride)
+  else:
+    matched, valid = match_features_by_distance(
+        other, t_src, t_dst, model.pixel_stride, threshold=float(method_cfg.match_distance))
+  return pred_pix, uncertainty, matched, valid
+
+
+def pixel_maps(params, ema_params, batch: dict[str, jax.Array], key: jax.Array, *,
+               model: PixSSLModel, method_cfg: ml_collections.ConfigDict
+               ) -> dict[str, jax.Array]:
+  """What the logs show of the batch's first pair: its views, overlap and uncertainty.
+
+  Returns:
+    `view1`, `view2` `[*P]`; `overlap` (1 where view 1's feature cell has a match in view 2)
+    and `uncertainty` `[*G]`, on view 1's feature grid.
+  """
+  first = jax.tree.map(lambda x: x[:1], batch)
+  views = jnp.concatenate([first['view1'], first['view2']], axis=0)
+  student = model.apply({'params': params}, views, with_predictor=False)
+  teacher = model.apply({'params': ema_params}, views, with_predictor=False)
+  _, uncertainty, _, valid = _pixel_predictions(
+      params, student['pixel_proj'], teacher['pixel_proj'], first, key, model=model,
+      method_cfg=method_cfg)
+  return {'view1': views[0, ..., 0], 'view2': views[1, ..., 0],
+          'overlap': valid[0].astype(jnp.float32), 'uncertainty': uncertainty[0]}
+
+
 def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Array,
                   step: jax.Array, *, model: PixSSLModel, method_cfg: ml_collections.ConfigDict,
                   num_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -93,9 +151,8 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
   if not (use_global or use_pixel):
     raise ValueError('method.use_global and method.use_pixel are both False: nothing to train')
-  match_mode = method_cfg.match
-  if match_mode not in MATCH_MODES:
-    raise ValueError(f'method.match must be one of {MATCH_MODES}, got {match_mode!r}')
+  if method_cfg.match not in MATCH_MODES:
+    raise ValueError(f'method.match must be one of {MATCH_MODES}, got {method_cfg.match!r}')
   if method_cfg.weighting not in WEIGHTING_FORMS:
     raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, '
                      f'got {method_cfg.weighting!r}')
@@ -124,29 +181,10 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
   if use_pixel:
-    # 4. Student pixel prediction: the stabilizer's MC mean (and its uncertainty), or the raw
-    #    projection when the stabilizer is ablated.
-    student_pix = student['pixel_proj']
-    if method_cfg.use_stabilizer:
-      pred_pix, uncertainty = _stabilized_prediction(
-          params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples))
-    else:
-      pred_pix = student_pix
-      uncertainty = jnp.zeros(student_pix.shape[:-1], jnp.float32)
-
-    # 5. Match teacher features of the other view, both directions in one call: student cells
-    #    of view 1 read teacher view 2 (T1 -> T2^-1) and vice versa.
-    t1, t2 = batch['transform1'], batch['transform2']
-    teacher_pix = teacher['pixel_proj']
-    other = jnp.concatenate([teacher_pix[b:], teacher_pix[:b]], axis=0)
-    t_src = jnp.concatenate([t1, t2], axis=0)
-    t_dst = jnp.concatenate([t2, t1], axis=0)
-    if match_mode == 'inverse':
-      matched, valid = match_features(other, t_src, t_dst, model.pixel_stride)
-    else:
-      matched, valid = match_features_by_distance(
-          other, t_src, t_dst, model.pixel_stride,
-          threshold=float(method_cfg.match_distance))
+    # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
+    pred_pix, uncertainty, matched, valid = _pixel_predictions(
+        params, student['pixel_proj'], teacher['pixel_proj'], batch, key, model=model,
+        method_cfg=method_cfg)
     discrepancy = cosine_discrepancy(pred_pix, matched)
     threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
                                float(method_cfg.threshold_end))

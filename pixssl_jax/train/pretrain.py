@@ -7,6 +7,7 @@ import threading
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from pixssl_jax.data import case_store
@@ -76,6 +77,12 @@ def _make_data_iterator(store, config: ml_collections.ConfigDict, seed: int):
   return iter(loader)
 
 
+def _axial_slices(maps) -> dict[str, np.ndarray]:
+  """`[H, W]` images of `objective.pixel_maps`: 3-D maps show their middle axial slice."""
+  maps = jax.device_get(maps)
+  return {f'images/{k}': v if v.ndim == 2 else v[..., v.shape[-1] // 2] for k, v in maps.items()}
+
+
 def _host_scalars(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -118,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              + ('' if data_restored else ' (model only; data stream restarted)'))
 
   train_step = step_lib.jit_train_step(model, tx, config, mesh)
+  make_maps = step_lib.jit_pixel_maps(model, config, mesh)
   voxels_per_step = 2 * config.batch_size * math.prod(config.data.patch_size)
   writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
                                         voxels_per_step=voxels_per_step, enabled=is_chief,
@@ -151,6 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           return state
       batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
       finish_pending()
+      if config.image_every and step % config.image_every == 0:
+        # Every process runs it (the batch spans them all); process 0 writes.
+        writer.write_images(step, _axial_slices(make_maps(state, batch)))
       state, metrics = train_step(state, batch)
       pending = (step, metrics)
     finish_pending()

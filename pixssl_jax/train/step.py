@@ -80,3 +80,17 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
   # the replicated init needs no sharding-invariant bits. Step keys stay threefry.
   init_key = jax.random.key(config.seed, impl='rbg')
   return jax.jit(create, out_shardings=mesh_lib.replicated(mesh))(init_key)
+
+
+def jit_pixel_maps(model: nn.Module, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh) -> Callable[[state_lib.TrainState, Any], Metrics]:
+  """`objective.pixel_maps` of a state and a global batch, replicated for logging."""
+
+  def maps(state, batch):
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
+    return objective.pixel_maps(state.params, state.ema_params, batch, key, model=model,
+                                method_cfg=config.method)
+
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(maps, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
+                 out_shardings=replicated)
