@@ -98,3 +98,21 @@ def test_multi_process_checkpoint_restores_on_one_device(runs):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(state.params), jax.device_get(reference.params))
 
+
+
+def test_resuming_on_another_process_count_continues_exactly(runs):
+  two, one, _ = runs
+  # Both runs continue to step 5 on one process: `one` restores its own iterator state, `two`
+  # (written by 2 processes) restores the model and repositions the global data stream.
+  more = ('--config.num_steps=5',)
+  resumed = [subprocess.Popen(['timeout', '-s', 'KILL', '400', *main_command(w, *more)],
+                              cwd=REPO, env=environment(8), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (two, one)]
+  outputs = [p.communicate() for p in resumed]
+  for p, (_, err) in zip(resumed, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'Resumed from step 3' in outputs[0][0] and 'data stream repositioned' in outputs[0][0]
+  assert 'repositioned' not in outputs[1][0]
+  multi, single = losses(two), losses(one)
+  for step in (4, 5):
+    np.testing.assert_allclose(multi[step], single[step], rtol=1e-5, err_msg=f'step {step}')

@@ -142,6 +142,17 @@ def test_global_batches_do_not_depend_on_the_shard_count():
   assert global_batches(2) == one and global_batches(4) == one
 
 
+def test_first_batch_continues_the_stream_on_any_shard_count():
+  store = InMemoryStore(num_cases=5, shape=(12, 12, 4))
+  cfg = _cfg(2, patch=4)
+  whole = iter(pipeline.pretrain_loader(store, cfg, batch_size=4, seed=2))
+  expected = [next(whole)['view1'] for _ in range(5)][3:]  # Global batches 3 and 4.
+  halves = [iter(pipeline.pretrain_loader(store, cfg, batch_size=2, seed=2, shard_index=i,
+                                          shard_count=2, first_batch=3)) for i in range(2)]
+  for batch in expected:
+    np.testing.assert_array_equal(np.concatenate([next(h)['view1'] for h in halves]), batch)
+
+
 def test_pretrain_is_seeded():
   store = InMemoryStore()
   cfg = _cfg(3)

@@ -41,7 +41,6 @@ then an in-plane Gaussian PSF (sigma 0.5 voxel) that also colours the Gaussian n
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -49,166 +48,27 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from pixssl_jax.data.phantom_geometry import Canvas
+from pixssl_jax.data.phantom_geometry import deformed
+from pixssl_jax.data.phantom_geometry import ellipse_xy
+from pixssl_jax.data.phantom_geometry import ellipsoid
+from pixssl_jax.data.phantom_geometry import RandomField
+from pixssl_jax.data.phantom_geometry import rotation
+from pixssl_jax.data.phantom_geometry import Shape
+from pixssl_jax.data.phantom_geometry import smooth_max
+from pixssl_jax.data.phantom_geometry import smooth_min
+from pixssl_jax.data.phantom_geometry import tube_xy
+from pixssl_jax.data.phantom_geometry import uniform
+
 LABELS = {0: 'background', 1: 'liver', 2: 'spleen', 3: 'kidney_left', 4: 'kidney_right',
           5: 'aorta', 6: 'vertebrae'}
 HU_MIN, HU_MAX = -1024, 3071  # The 12-bit range CT scanners store.
 _PSF_SIGMA = 0.5  # In-plane PSF, voxels.
-Shape = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
-  return float(rng.uniform(lo, hi))
-
-
-def _rotation(yaw: float = 0., pitch: float = 0., roll: float = 0.) -> np.ndarray:
-  """Rotation [3, 3] (about z, then y, then x; degrees) mapping local to anatomy axes."""
-  a, b, c = np.deg2rad([yaw, pitch, roll])
-  rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-  ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-  rx = np.array([[1, 0, 0], [0, np.cos(c), -np.sin(c)], [0, np.sin(c), np.cos(c)]])
-  return rz @ ry @ rx
-
-
-def _smin(a, b, k: float):
-  """Smooth minimum (union of signed distances) with blend radius k mm."""
-  h = np.maximum(k - np.abs(a - b), 0.) / k
-  return np.minimum(a, b) - h * h * k * 0.25
-
-
-def _smax(a, b, k: float):
-  """Smooth maximum (intersection; `_smax(a, -b)` subtracts b)."""
-  return -_smin(-a, -b, k)
-
-
-def _ellipsoid(center, axes, rot: np.ndarray | None = None, mirror_x: bool = False) -> Shape:
-  """Approximate signed distance (mm) to a rotated ellipsoid, first order in (r - 1)."""
-  c, a = np.asarray(center, np.float32), np.asarray(axes, np.float32)
-  r = np.eye(3) if rot is None else rot
-
-  def f(x, y, z):
-    d = (x - c[0], y - c[1], z - c[2])
-    q = [r[0, i] * d[0] + r[1, i] * d[1] + r[2, i] * d[2] for i in range(3)]
-    if mirror_x:
-      q[0] = -q[0]
-    rad = np.sqrt(sum((qi / ai)**2 for qi, ai in zip(q, a)))
-    grad = np.sqrt(sum((qi / ai**2)**2 for qi, ai in zip(q, a)))
-    return (rad - 1.) * rad / np.maximum(grad, 1e-6)
-
-  return f
-
-
-def _tube_xy(cx, cy, radius):
-  """Distance (mm) to a vertical tube whose centre/radius may vary with z (arrays [1, 1, Z])."""
-  return lambda x, y, z: np.hypot(x - cx(z), y - cy(z)) - radius(z)
-
-
-class _Field:
-  """Smooth random scalar field: a few random plane waves (wavelengths in mm)."""
-
-  def __init__(self, rng, amplitude: float, wavelengths=(50., 150.), n: int = 4):
-    k = rng.normal(size=(n, 3))
-    k *= (2 * np.pi / rng.uniform(*wavelengths, size=(n, 1))) / np.linalg.norm(k, axis=1,
-                                                                                keepdims=True)
-    self.k, self.phase = k.astype(np.float32), rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-    self.amp = (amplitude * np.sqrt(2. / n) * rng.uniform(0.6, 1.4, n)).astype(np.float32)
-
-  def __call__(self, x, y, z):
-    out = 0.
-    for (kx, ky, kz), p, a in zip(self.k, self.phase, self.amp):
-      out = out + a * np.sin((kx * x + ky * y + p) + kz * z)
-    return out
-
-
-def _deformed(shape: Shape, field: _Field) -> Shape:
-  return lambda x, y, z: shape(x, y, z) + field(x, y, z)
-
-
-def _occupancy(f: np.ndarray) -> np.ndarray:
-  """Fraction of each voxel inside `f < 0` (partial volume).
-
-  The voxel box projects onto the surface normal as a segment over which f changes by
-  w = sum_i |df/di| (one voxel step per axis), whatever the scaling of f; the inside fraction
-  is then about a linear ramp across it. Thick slices therefore blur surfaces more along z.
-
-  Args:
-    f: [X, Y, Z] implicit function, negative inside, smooth on the voxel scale.
-
-  Returns:
-    [X, Y, Z] float32 in [0, 1].
-  """
-  w = np.zeros(f.shape, np.float32)
-  for axis in range(3):
-    if f.shape[axis] < 2:
-      continue
-    g = 0.5 * np.abs(np.diff(f, axis=axis))  # Central differences, one-sided at the ends.
-    lo, hi = [slice(None)] * 3, [slice(None)] * 3
-    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-    w[tuple(lo)] += g
-    w[tuple(hi)] += g
-  return np.clip(0.5 - f / np.maximum(w, 1e-3), 0., 1.).astype(np.float32)
-
-
-@dataclasses.dataclass
-class _Canvas:
-  """The case's voxel grid, its anatomy-frame coordinates, and the volumes being painted."""
-  affine: np.ndarray  # [4, 4], diagonal rotation part (RAS or LPS voxel order).
-  yaw: float  # Patient rotation on the table, radians.
-  shift: np.ndarray  # [3], world position of the anatomy origin, mm.
-  xa: np.ndarray  # [X, Y, 1] anatomy-frame coordinates of voxel centres, mm.
-  ya: np.ndarray  # [X, Y, 1]
-  za: np.ndarray  # [1, 1, Z]
-  hu: np.ndarray  # [X, Y, Z] float32
-  label: np.ndarray  # [X, Y, Z] uint8
-
-  def window(self, lo, hi):
-    """Voxel slices covering an anatomy-frame box [lo, hi] (mm), or None if outside."""
-    corners = np.array(np.meshgrid(*zip(lo, hi), indexing='ij')).reshape(3, -1)
-    c, s = np.cos(self.yaw), np.sin(self.yaw)
-    world = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ corners + self.shift[:, None]
-    idx = (world - self.affine[:3, 3:]) / np.diag(self.affine)[:3, None]
-    sl = []
-    for axis, n in enumerate(self.hu.shape):
-      a, b = int(np.floor(idx[axis].min())) - 1, int(np.ceil(idx[axis].max())) + 2
-      a, b = max(a, 0), min(b, n)
-      if b - a < 1:
-        return None
-      sl.append(slice(a, b))
-    return tuple(sl)
-
-  def paint(self, lo, hi, shape: Shape, hu, label: int | None = None):
-    """Composites a structure over what is painted so far (painter's order = occlusion).
-
-    Args:
-      lo, hi: anatomy-frame bounding box (mm) that contains the structure.
-      shape: implicit function of anatomy coordinates, negative inside.
-      hu: HU value, or a callable of (x, y, z) giving HU per voxel.
-      label: label value to write where the structure covers >= half a voxel; None leaves
-        labels alone, 0 erases (an unlabelled structure in front of an organ).
-    """
-    sl = self.window(lo, hi)
-    if sl is None:
-      return
-    x, y, z = self.xa[sl[0], sl[1]], self.ya[sl[0], sl[1]], self.za[..., sl[2]]
-    f = np.broadcast_to(shape(x, y, z), tuple(s.stop - s.start for s in sl))
-    occ = _occupancy(f.astype(np.float32))
-    value = hu(x, y, z) if callable(hu) else hu
-    sub = self.hu[sl]
-    sub += occ * (value - sub)
-    if label is not None:
-      self.label[sl][occ >= 0.5] = label
-
-
-def _ellipse_xy(dx, dy, a, b):
-  """Approximate signed distance (mm) to an axis-aligned ellipse in the axial plane."""
-  ex, ey = dx / a, dy / b
-  r = np.sqrt(ex * ex + ey * ey)
-  return (r - 1.) * r / np.maximum(np.sqrt((ex / a)**2 + (ey / b)**2), 1e-6)
 
 
 def _sample_tissues(rng) -> dict[str, float]:
@@ -218,23 +78,23 @@ def _sample_tissues(rng) -> dict[str, float]:
                 blood=(38, 44), wall=(35, 42), fluid=(5, 20), gas=(-980, -920),
                 disc=(80, 100), cancellous=(300, 360), cortex=(750, 950),
                 posterior=(500, 600), csf=(10, 20), table=(100, 200))
-  return {k: round(_u(rng, lo, hi), 1) for k, (lo, hi) in ranges.items()}
+  return {k: round(uniform(rng, lo, hi), 1) for k, (lo, hi) in ranges.items()}
 
 
-def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str) -> _Canvas:
+def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str) -> Canvas:
   """Samples the voxel grid (matrix, spacing, FOV, patient pose) and its coordinates."""
-  nxy = max(8, round(160 * shape_scale * _u(rng, 0.85, 1.15)))
-  dxy = (body_width + _u(rng, 20, 80)) / nxy  # FOV just wider than the body, as scanned.
-  dz = _u(rng, 1.5, 5.0) / shape_scale
+  nxy = max(8, round(160 * shape_scale * uniform(rng, 0.85, 1.15)))
+  dxy = (body_width + uniform(rng, 20, 80)) / nxy  # FOV just wider than the body, as scanned.
+  dz = uniform(rng, 1.5, 5.0) / shape_scale
   nz_range = max(4, round(64 * shape_scale)), max(6, round(96 * shape_scale))
-  nz = int(np.clip(round(_u(rng, 200, 320) / dz), *nz_range))
+  nz = int(np.clip(round(uniform(rng, 200, 320) / dz), *nz_range))
   shape = (nxy, nxy, nz)
   # Patient pose: anatomy origin (mid-abdomen, about L1) somewhere in scanner coordinates,
   # rotated a few degrees on the table; the FOV centre is near the body centre.
-  yaw = np.deg2rad(_u(rng, -4, 4))
-  shift = np.array([_u(rng, -30, 30), _u(rng, -30, 30), _u(rng, -300, 300)])
+  yaw = np.deg2rad(uniform(rng, -4, 4))
+  shift = np.array([uniform(rng, -30, 30), uniform(rng, -30, 30), uniform(rng, -300, 300)])
   rot = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-  fov_centre = rot @ [_u(rng, -10, 10), _u(rng, -15, 10), _u(rng, 10, 30)] + shift
+  fov_centre = rot @ [uniform(rng, -10, 10), uniform(rng, -15, 10), uniform(rng, 10, 30)] + shift
   signs = np.array([1., 1., 1.]) if orientation == 'RAS' else np.array([-1., -1., 1.])
   diag = signs * np.array([dxy, dxy, dz])
   affine = np.eye(4)
@@ -243,7 +103,7 @@ def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str) -
   xw, yw, zw = (affine[a, 3] + diag[a] * np.arange(n) for a, n in enumerate(shape))
   dxw, dyw = (xw - shift[0])[:, None, None], (yw - shift[1])[None, :, None]
   c, s = np.cos(yaw), np.sin(yaw)  # Anatomy frame = rot^T (world - shift).
-  return _Canvas(affine=affine, yaw=yaw, shift=shift,
+  return Canvas(affine=affine, yaw=yaw, shift=shift,
                  xa=(c * dxw + s * dyw).astype(np.float32),
                  ya=(-s * dxw + c * dyw).astype(np.float32),
                  za=(zw - shift[2])[None, None, :].astype(np.float32),
@@ -254,13 +114,13 @@ class _Body:
   """Body outline (superellipse with harmonics) and its layers, as depths below the skin."""
 
   def __init__(self, rng):
-    self.ax = _u(rng, 140, 175)
-    self.ay = self.ax * _u(rng, 0.68, 0.8)
-    self.p = _u(rng, 2.0, 2.6)
-    self.fat = _u(rng, 8, 35)
-    self.muscle = _u(rng, 8, 14)
-    self.harmonics = [(n, _u(rng, 0, 0.025), _u(rng, 0, 2 * np.pi)) for n in range(2, 6)]
-    self.zwave = (_u(rng, 0.02, 0.05), _u(rng, 250, 500), _u(rng, 0, 2 * np.pi))
+    self.ax = uniform(rng, 140, 175)
+    self.ay = self.ax * uniform(rng, 0.68, 0.8)
+    self.p = uniform(rng, 2.0, 2.6)
+    self.fat = uniform(rng, 8, 35)
+    self.muscle = uniform(rng, 8, 14)
+    self.harmonics = [(n, uniform(rng, 0, 0.025), uniform(rng, 0, 2 * np.pi)) for n in range(2, 6)]
+    self.zwave = (uniform(rng, 0.02, 0.05), uniform(rng, 250, 500), uniform(rng, 0, 2 * np.pi))
     self.cavity_half_width = self.ax - 2 - 0.8 * self.fat - self.muscle
 
   def sdf(self, layer: str) -> Shape:
@@ -305,46 +165,46 @@ def _render_case(rng, shape_scale: float, orientation: str):
     cv.paint((-bx0, -by0, -_ALL), (bx0, by0, _ALL), body.sdf(layer), hu_of[tissue], 0)
 
   # 2. Spine frame: centre line with lordosis, vertebral levels as a phase along z.
-  xv0, yv0 = _u(rng, -4, 4), -0.92 * body.ay + 0.5 * body.fat + _u(rng, 70, 82)
-  sco, sph, lord = _u(rng, -3, 3), _u(rng, 0, 2 * np.pi), _u(rng, 4, 12)
+  xv0, yv0 = uniform(rng, -4, 4), -0.92 * body.ay + 0.5 * body.fat + uniform(rng, 70, 82)
+  sco, sph, lord = uniform(rng, -3, 3), uniform(rng, 0, 2 * np.pi), uniform(rng, 4, 12)
   xv = lambda z: xv0 + sco * np.sin(2 * np.pi * z / 600 + sph)
   yv = lambda z: yv0 + lord * np.exp(-((z + 70) / 110)**2)
-  vbx, vby = _u(rng, 19, 24), _u(rng, 14, 17)
+  vbx, vby = uniform(rng, 19, 24), uniform(rng, 14, 17)
   bx = lambda z: vbx * (1 - 0.0008 * z)  # Lumbar bodies grow caudally.
   by = lambda z: vby * (1 - 0.0008 * z)
-  period, z0, zph = _u(rng, 32, 38), _u(rng, 0, 40), _u(rng, 0, 2 * np.pi)
-  half_body = period * (1 - _u(rng, 0.2, 0.26)) / 2
+  period, z0, zph = uniform(rng, 32, 38), uniform(rng, 0, 40), uniform(rng, 0, 2 * np.pi)
+  half_body = period * (1 - uniform(rng, 0.2, 0.26)) / 2
   level_dz = lambda z: ((lambda s: (s - np.round(s)) * period)(
       (z - z0) / period + 0.05 * np.sin(2 * np.pi * z / 700 + zph)))
-  z_top = _u(rng, 95, 125)  # Right hemidiaphragm dome; the left is ~16 mm lower.
+  z_top = uniform(rng, 95, 125)  # Right hemidiaphragm dome; the left is ~16 mm lower.
   dome = lambda x, y: (z_top - 8 + 8 * np.tanh(x / 30) - 0.003 * (np.abs(x) - 60)**2
                        - 0.002 * (y + 10)**2)
   below_dome = lambda f, gap=3.: lambda x, y, z: np.maximum(f(x, y, z), z - dome(x, y) + gap)
 
   # 3. Thorax base: lungs above the diaphragm around the mediastinum, heart on the dome.
-  med = lambda x, y, z: _ellipse_xy(x - xv0 + 5, y - (yv0 + body.ay) / 2, 45, 70 + 0 * z)
-  lung = lambda x, y, z: _smax(np.maximum(body.sdf('cavity')(x, y, z) + 2, dome(x, y) - z),
+  med = lambda x, y, z: ellipse_xy(x - xv0 + 5, y - (yv0 + body.ay) / 2, 45, 70 + 0 * z)
+  lung = lambda x, y, z: smooth_max(np.maximum(body.sdf('cavity')(x, y, z) + 2, dome(x, y) - z),
                                -med(x, y, z), 5)
   cv.paint((-bx0, -by0, z_top - 80), (bx0, by0, _ALL), lung, hu_of['lung'], 0)
-  heart = _ellipsoid((xv0 - 15, (yv0 + 0.8 * body.ay) / 2, z_top + 45), (55, 50, 55))
+  heart = ellipsoid((xv0 - 15, (yv0 + 0.8 * body.ay) / 2, z_top + 45), (55, 50, 55))
   cv.paint((-80, -by0, z_top - 40), (80, by0, z_top + 110),
            lambda x, y, z: np.maximum(heart(x, y, z), dome(x, y) - z + 2), hu_of['blood'], 0)
 
   # 4. Back muscles: paraspinal columns and psoas (growing caudally from about L1).
   for side in (-1, 1):
-    cx, cy = xv0 + side * _u(rng, 30, 36), yv0 - vby - _u(rng, 34, 42)
-    a, b = _u(rng, 26, 32), _u(rng, 28, 36)
-    para = lambda x, y, z, cx=cx, cy=cy, a=a, b=b: _ellipse_xy(x - cx, y - cy, a, b) + 0 * z
+    cx, cy = xv0 + side * uniform(rng, 30, 36), yv0 - vby - uniform(rng, 34, 42)
+    a, b = uniform(rng, 26, 32), uniform(rng, 28, 36)
+    para = lambda x, y, z, cx=cx, cy=cy, a=a, b=b: ellipse_xy(x - cx, y - cy, a, b) + 0 * z
     cv.paint((cx - a - 5, -by0, -_ALL), (cx + a + 5, cy + b + 5, _ALL),
              inside(para, 'muscle', 0.), hu_of['muscle'], 0)
     rps = lambda z: np.clip(4 + (20 - z) * 0.11, 1, 26)
-    psoas = _tube_xy(lambda z, s=side: xv(z) + s * (bx(z) + 0.8 * rps(z)), yv, rps)
+    psoas = tube_xy(lambda z, s=side: xv(z) + s * (bx(z) + 0.8 * rps(z)), yv, rps)
     cv.paint((xv0 - 80, yv0 - 40, -_ALL), (xv0 + 80, yv0 + 40, 30),
              lambda x, y, z, p=psoas: np.maximum(p(x, y, z), z - 20), hu_of['muscle'], 0)
 
   # 5. Gut: stomach (air-fluid level: the patient is supine, gas rises to +y), colon and
   #    small-bowel loops, each a wall around fluid/stool and gas.
-  stool = _Field(rng, 60., (8., 20.), n=8)
+  stool = RandomField(rng, 60., (8., 20.), n=8)
   content = {'fluid': hu_of['fluid'],
              'stool': lambda x, y, z: -40. + stool(x, y, z)}
 
@@ -355,71 +215,71 @@ def _render_case(rng, shape_scale: float, orientation: str):
     gas = lambda x, y, z: np.maximum(lumen(x, y, z), gas_above_y - y)
     cv.paint(lo, hi, gas, hu_of['gas'], 0)
 
-  sc = np.array([_u(rng, -70, -45), _u(rng, 15, 40), _u(rng, 40, 70)])
-  sa = np.array([_u(rng, 35, 48), _u(rng, 25, 35), _u(rng, 40, 55)])
-  stomach = _deformed(_ellipsoid(sc, sa, _rotation(_u(rng, -20, 20))), _Field(rng, 5.))
+  sc = np.array([uniform(rng, -70, -45), uniform(rng, 15, 40), uniform(rng, 40, 70)])
+  sa = np.array([uniform(rng, 35, 48), uniform(rng, 25, 35), uniform(rng, 40, 55)])
+  stomach = deformed(ellipsoid(sc, sa, rotation(uniform(rng, -20, 20))), RandomField(rng, 5.))
   hollow(sc - sa.max() - 20, sc + sa.max() + 20, below_dome(inside(stomach, 'cavity', 3.)),
-         sc[1] + _u(rng, -0.2, 0.5) * sa[1], 'fluid')
+         sc[1] + uniform(rng, -0.2, 0.5) * sa[1], 'fluid')
   cw = body.cavity_half_width
-  x_asc, x_desc = cw * _u(rng, 0.6, 0.75), -cw * _u(rng, 0.65, 0.8)
-  for xc, yc, z_end, r in ((x_asc, _u(rng, 5, 30), _u(rng, -20, 10), _u(rng, 18, 25)),
-                           (x_desc, _u(rng, -10, 15), _u(rng, 15, 45), _u(rng, 14, 20))):
+  x_asc, x_desc = cw * uniform(rng, 0.6, 0.75), -cw * uniform(rng, 0.65, 0.8)
+  for xc, yc, z_end, r in ((x_asc, uniform(rng, 5, 30), uniform(rng, -20, 10), uniform(rng, 18, 25)),
+                           (x_desc, uniform(rng, -10, 15), uniform(rng, 15, 45), uniform(rng, 14, 20))):
     tube = lambda x, y, z, xc=xc, yc=yc, r=r, ze=z_end: np.maximum(
         np.hypot(x - xc, y - yc) - r, z - ze)
     hollow((xc - r - 10, yc - r - 10, -_ALL), (xc + r + 10, yc + r + 10, z_end + 10),
-           inside(_deformed(tube, _Field(rng, 4.)), 'cavity', 3.),
-           yc + _u(rng, -0.2, 0.5) * r, 'stool')
-  yt, zt, sag, rt = _u(rng, 30, 55), _u(rng, -10, 15), _u(rng, 10, 50), _u(rng, 16, 22)
+           inside(deformed(tube, RandomField(rng, 4.)), 'cavity', 3.),
+           yc + uniform(rng, -0.2, 0.5) * r, 'stool')
+  yt, zt, sag, rt = uniform(rng, 30, 55), uniform(rng, -10, 15), uniform(rng, 10, 50), uniform(rng, 16, 22)
   xm, hw = (x_asc + x_desc) / 2, (x_asc - x_desc) / 2
   zt_of = lambda x: zt - sag * (1 - np.clip((x - xm) / hw, -1, 1)**2)
   transverse = lambda x, y, z: np.maximum(np.hypot(y - yt, z - zt_of(x)) - rt,
                                           np.abs(x - xm) - hw)
   hollow((x_desc - 30, yt - rt - 10, zt - sag - rt - 10), (x_asc + 30, yt + rt + 10, zt + rt + 10),
-         inside(_deformed(transverse, _Field(rng, 4.)), 'cavity', 3.),
-         yt + _u(rng, -0.3, 0.4) * rt, 'stool')
+         inside(deformed(transverse, RandomField(rng, 4.)), 'cavity', 3.),
+         yt + uniform(rng, -0.3, 0.4) * rt, 'stool')
   for _ in range(int(rng.integers(5, 10))):
-    c = np.array([_u(rng, -0.65, 0.65) * cw, _u(rng, 0, 60), _u(rng, -160, -30)])
+    c = np.array([uniform(rng, -0.65, 0.65) * cw, uniform(rng, 0, 60), uniform(rng, -160, -30)])
     a = rng.uniform(12, 22, 3)
-    loop = _ellipsoid(c, a, _rotation(*rng.uniform(-90, 90, 3)))
+    loop = ellipsoid(c, a, rotation(*rng.uniform(-90, 90, 3)))
     hollow(c - a.max() - 5, c + a.max() + 5, inside(loop, 'cavity', 3.),
-           c[1] + (_u(rng, -0.3, 0.5) if rng.random() < 0.35 else 1e3), 'fluid')
+           c[1] + (uniform(rng, -0.3, 0.5) if rng.random() < 0.35 else 1e3), 'fluid')
 
   # 6. Solid organs. Kidneys first as shapes, because liver and spleen wrap around them.
   kidneys = {}
-  zr = _u(rng, -45, -20)
-  for side, lab, zk in ((1, 4, zr), (-1, 3, zr + _u(rng, 10, 25))):
-    c = np.array([xv0 + side * _u(rng, 62, 76), yv0 + _u(rng, -12, 2), zk])
-    a = np.array([_u(rng, 23, 28), _u(rng, 20, 25), _u(rng, 48, 60)])
+  zr = uniform(rng, -45, -20)
+  for side, lab, zk in ((1, 4, zr), (-1, 3, zr + uniform(rng, 10, 25))):
+    c = np.array([xv0 + side * uniform(rng, 62, 76), yv0 + uniform(rng, -12, 2), zk])
+    a = np.array([uniform(rng, 23, 28), uniform(rng, 20, 25), uniform(rng, 48, 60)])
     # Hilum faces antero-medially, upper pole tilts medially and posteriorly; local +x is
     # lateral on both sides (mirrored on the left).
-    rot = _rotation(-side * _u(rng, 20, 40), -side * _u(rng, 8, 18), _u(rng, 5, 15))
-    hilum = _ellipsoid(c + rot @ [-side * 0.95 * a[0], 0, 0], a * [0.5, 0.45, 0.45], rot,
+    rot = rotation(-side * uniform(rng, 20, 40), -side * uniform(rng, 8, 18), uniform(rng, 5, 15))
+    hilum = ellipsoid(c + rot @ [-side * 0.95 * a[0], 0, 0], a * [0.5, 0.45, 0.45], rot,
                        mirror_x=side < 0)
-    outer = _ellipsoid(c, a, rot, mirror_x=side < 0)
-    kidneys[lab] = (c, a, _deformed(lambda x, y, z, o=outer, h=hilum: _smax(
-        o(x, y, z), -h(x, y, z), 4), _Field(rng, _u(rng, 2, 4), (40., 100.))))
-  exclude = lambda f, g, gap: lambda x, y, z: _smax(f(x, y, z), gap - g(x, y, z), 6)
-  column = lambda x, y, z: _ellipse_xy(x - xv0, y - yv0 - 5, vbx + 30, vby + 35) + 0 * z
+    outer = ellipsoid(c, a, rot, mirror_x=side < 0)
+    kidneys[lab] = (c, a, deformed(lambda x, y, z, o=outer, h=hilum: smooth_max(
+        o(x, y, z), -h(x, y, z), 4), RandomField(rng, uniform(rng, 2, 4), (40., 100.))))
+  exclude = lambda f, g, gap: lambda x, y, z: smooth_max(f(x, y, z), gap - g(x, y, z), 6)
+  column = lambda x, y, z: ellipse_xy(x - xv0, y - yv0 - 5, vbx + 30, vby + 35) + 0 * z
 
-  rc = np.array([_u(rng, 60, 78), _u(rng, -15, 5), _u(rng, 25, 50)])
-  ra = np.array([_u(rng, 62, 78), _u(rng, 62, 78), _u(rng, 72, 88)])
-  lc = np.array([_u(rng, -25, -5), rc[1] + _u(rng, 30, 45), rc[2] + _u(rng, 10, 25)])
-  la = np.array([_u(rng, 50, 68), _u(rng, 22, 34), _u(rng, 38, 52)])
-  right_lobe = _ellipsoid(rc, ra, _rotation(_u(rng, -15, 15), _u(rng, -10, 10)))
-  left_lobe = _ellipsoid(lc, la, _rotation(_u(rng, -15, 15)))
-  liver = _deformed(lambda x, y, z: _smin(right_lobe(x, y, z), left_lobe(x, y, z), 25),
-                    _Field(rng, _u(rng, 5, 9)))
+  rc = np.array([uniform(rng, 60, 78), uniform(rng, -15, 5), uniform(rng, 25, 50)])
+  ra = np.array([uniform(rng, 62, 78), uniform(rng, 62, 78), uniform(rng, 72, 88)])
+  lc = np.array([uniform(rng, -25, -5), rc[1] + uniform(rng, 30, 45), rc[2] + uniform(rng, 10, 25)])
+  la = np.array([uniform(rng, 50, 68), uniform(rng, 22, 34), uniform(rng, 38, 52)])
+  right_lobe = ellipsoid(rc, ra, rotation(uniform(rng, -15, 15), uniform(rng, -10, 10)))
+  left_lobe = ellipsoid(lc, la, rotation(uniform(rng, -15, 15)))
+  liver = deformed(lambda x, y, z: smooth_min(right_lobe(x, y, z), left_lobe(x, y, z), 25),
+                    RandomField(rng, uniform(rng, 5, 9)))
   liver = exclude(exclude(below_dome(inside(liver, 'cavity')), kidneys[4][2], 4.), column, 0.)
-  texture = _Field(rng, 3., (10., 30.))
+  texture = RandomField(rng, 3., (10., 30.))
   cv.paint(np.minimum(rc, lc) - ra.max() - 25, np.maximum(rc, lc) + ra.max() + 25, liver,
            lambda x, y, z: hu_of['liver'] + texture(x, y, z), 1)
 
-  pc = np.array([-cw * _u(rng, 0.62, 0.72), yv0 - _u(rng, 5, 25), _u(rng, 35, 65)])
-  pa = np.array([_u(rng, 24, 32), _u(rng, 50, 62), _u(rng, 40, 52)])
-  prot = _rotation(_u(rng, 20, 40), _u(rng, -10, 10), _u(rng, -10, 10))
-  notch = _ellipsoid(pc + prot @ [1.1 * pa[0], 0, 0], pa * [0.5, 0.6, 0.6], prot)
-  spleen = _deformed(lambda x, y, z, o=_ellipsoid(pc, pa, prot): _smax(
-      o(x, y, z), -notch(x, y, z), 4), _Field(rng, _u(rng, 3, 6)))
+  pc = np.array([-cw * uniform(rng, 0.62, 0.72), yv0 - uniform(rng, 5, 25), uniform(rng, 35, 65)])
+  pa = np.array([uniform(rng, 24, 32), uniform(rng, 50, 62), uniform(rng, 40, 52)])
+  prot = rotation(uniform(rng, 20, 40), uniform(rng, -10, 10), uniform(rng, -10, 10))
+  notch = ellipsoid(pc + prot @ [1.1 * pa[0], 0, 0], pa * [0.5, 0.6, 0.6], prot)
+  spleen = deformed(lambda x, y, z, o=ellipsoid(pc, pa, prot): smooth_max(
+      o(x, y, z), -notch(x, y, z), 4), RandomField(rng, uniform(rng, 3, 6)))
   spleen = exclude(below_dome(inside(spleen, 'cavity')), kidneys[3][2], 4.)
   cv.paint(pc - pa.max() - 20, pc + pa.max() + 20, spleen, hu_of['spleen'], 2)
   for lab, (c, a, kidney) in kidneys.items():
@@ -427,22 +287,22 @@ def _render_case(rng, shape_scale: float, orientation: str):
 
   # 7. Great vessels: IVC right-anterior of the spine (unlabelled), aorta left-anterior
   #    (label 5) down to its bifurcation into the (unlabelled) common iliac arteries.
-  z_bif, r0 = _u(rng, -115, -85), _u(rng, 10, 13)
-  ivc_dx, ivc_dy, ivc_a, ivc_b = (_u(rng, 20, 28), _u(rng, 8, 14), _u(rng, 11, 15),
-                                  _u(rng, 7, 10))
+  z_bif, r0 = uniform(rng, -115, -85), uniform(rng, 10, 13)
+  ivc_dx, ivc_dy, ivc_a, ivc_b = (uniform(rng, 20, 28), uniform(rng, 8, 14), uniform(rng, 11, 15),
+                                  uniform(rng, 7, 10))
   ivc = lambda x, y, z: np.maximum(
-      _ellipse_xy(x - xv(z) - ivc_dx, y - yv(z) - by(z) - ivc_dy, ivc_a, ivc_b), z_bif - 10 - z)
+      ellipse_xy(x - xv(z) - ivc_dx, y - yv(z) - by(z) - ivc_dy, ivc_a, ivc_b), z_bif - 10 - z)
   cv.paint((xv0 - 20, yv0 - 20, z_bif - 20), (xv0 + 60, yv0 + 60, _ALL), ivc, hu_of['blood'], 0)
-  ao_dx, ao_gap = _u(rng, 12, 20), _u(rng, 2, 5)
+  ao_dx, ao_gap = uniform(rng, 12, 20), uniform(rng, 2, 5)
   rad = lambda z: r0 * (1 + 0.0008 * z)
   ao_x = lambda z: xv(z) - ao_dx
   ao_y = lambda z: yv(z) + by(z) + rad(z) + ao_gap
-  aorta = _tube_xy(ao_x, ao_y, rad)
+  aorta = tube_xy(ao_x, ao_y, rad)
   cv.paint((xv0 - 60, yv0 - 10, z_bif - 10), (xv0 + 20, yv0 + 70, _ALL),
            lambda x, y, z: np.maximum(aorta(x, y, z), z_bif - z), hu_of['blood'], 5)
   for side in (-1, 1):
-    spread = np.tan(np.deg2rad(_u(rng, 20, 30)))
-    iliac = _tube_xy(lambda z, s=side, t=spread: ao_x(z_bif) + s * (z_bif - z) * t, ao_y,
+    spread = np.tan(np.deg2rad(uniform(rng, 20, 30)))
+    iliac = tube_xy(lambda z, s=side, t=spread: ao_x(z_bif) + s * (z_bif - z) * t, ao_y,
                      lambda z: 0.62 * r0 + 0 * z)
     cv.paint((xv0 - 150, yv0 - 20, -_ALL), (xv0 + 150, yv0 + 70, z_bif + 5),
              lambda x, y, z, i=iliac: np.maximum(i(x, y, z), z - z_bif), hu_of['blood'], 0)
@@ -450,37 +310,37 @@ def _render_case(rng, shape_scale: float, orientation: str):
   # 8. Vertebrae (label 6): discs along a column, bodies with a bright cortex over
   #    cancellous bone, posterior elements around the (unlabelled) spinal canal.
   spine_lo, spine_hi = (xv0 - 75, yv0 - vby - 75, -_ALL), (xv0 + 75, yv0 + 40, _ALL)
-  sect = lambda x, y, z: _ellipse_xy(x - xv(z), y - yv(z), bx(z), by(z))
+  sect = lambda x, y, z: ellipse_xy(x - xv(z), y - yv(z), bx(z), by(z))
   cv.paint(spine_lo, spine_hi, lambda x, y, z: sect(x, y, z) + 0.5, hu_of['disc'], 0)
-  vbody = lambda x, y, z: _smax(sect(x, y, z), np.abs(level_dz(z)) - half_body, 2.)
-  cortex = _u(rng, 1.5, 2.5)
+  vbody = lambda x, y, z: smooth_max(sect(x, y, z), np.abs(level_dz(z)) - half_body, 2.)
+  cortex = uniform(rng, 1.5, 2.5)
   cv.paint(spine_lo, spine_hi, vbody, hu_of['cortex'], 6)
   cv.paint(spine_lo, spine_hi, lambda x, y, z: vbody(x, y, z) + cortex, hu_of['cancellous'], 6)
-  ca, cb = _u(rng, 9, 12), _u(rng, 7, 9)
+  ca, cb = uniform(rng, 9, 12), uniform(rng, 7, 9)
   yc = lambda z: yv(z) - by(z) - cb - 1.5
 
   def posterior(x, y, z):
     dz = np.abs(level_dz(z))
-    arch = np.maximum(_ellipse_xy(x - xv(z), y - yc(z), ca + 6, cb + 6), dz - 0.85 * half_body)
-    spinous = np.maximum(_ellipse_xy(x - xv(z), y - yc(z) + cb + 16, 4, 14),
+    arch = np.maximum(ellipse_xy(x - xv(z), y - yc(z), ca + 6, cb + 6), dz - 0.85 * half_body)
+    spinous = np.maximum(ellipse_xy(x - xv(z), y - yc(z) + cb + 16, 4, 14),
                          dz - 0.6 * half_body)
-    transverse = np.maximum(_ellipse_xy(np.abs(x - xv(z)) - bx(z) - 10, y - yc(z) - 3, 16, 5),
+    transverse = np.maximum(ellipse_xy(np.abs(x - xv(z)) - bx(z) - 10, y - yc(z) - 3, 16, 5),
                             dz - 5)
     return np.minimum(np.minimum(arch, spinous), transverse)
 
   cv.paint(spine_lo, spine_hi, inside(posterior, 'muscle', 3.), hu_of['posterior'], 6)
-  cv.paint(spine_lo, spine_hi, lambda x, y, z: _ellipse_xy(x - xv(z), y - yc(z), ca, cb),
+  cv.paint(spine_lo, spine_hi, lambda x, y, z: ellipse_xy(x - xv(z), y - yc(z), ca, cb),
            hu_of['csf'], 0)
 
   # 9. Scanner table under the patient (curved carbon plate).
-  y_table = -0.92 * body.ay - _u(rng, 5, 40)
+  y_table = -0.92 * body.ay - uniform(rng, 5, 40)
   table = lambda x, y, z: np.maximum(np.abs(y - y_table + 6 - x * x / 1200) - 6,
                                      np.abs(x) - 230 + 0 * z)
   cv.paint((-240, y_table - 20, -_ALL), (240, y_table + 60, _ALL), table, hu_of['table'], 0)
 
   # 10. Image formation: white noise through the in-plane PSF; scaled so that its std
   #     after the PSF is `sigma` (the PSF also blurs the anatomy: partial volume).
-  sigma = _u(rng, 10, 25)
+  sigma = uniform(rng, 10, 25)
   impulse = np.zeros((15, 15))
   impulse[7, 7] = 1.
   gain = np.sqrt((ndimage.gaussian_filter(impulse, _PSF_SIGMA)**2).sum())

@@ -70,11 +70,13 @@ class GlobalShuffleSampler:
   so its global batches change with the process count. The rng of a record is
   Philox(seed + stream position), as in IndexSampler, so augmentations are the same too. The
   DataLoader asks for index j = i * shard_count + shard_index for the i-th record of a shard
-  (its ShardOptions striding); `__getitem__` maps that to the stream position.
+  (its ShardOptions striding); `__getitem__` maps that to the stream position. `first_batch`
+  starts the stream at global batch k, which is how a run resumed on another number of
+  processes (whose grain iterator state does not apply) continues the same data exactly.
   """
 
   def __init__(self, num_records: int, seed: int, num_epochs: Optional[int] = None,
-               shard_count: int = 1, local_batch: int = 1):
+               shard_count: int = 1, local_batch: int = 1, first_batch: int = 0):
     if num_records < 1:
       raise ValueError(f'num_records must be positive, got {num_records}')
     self._num_records = int(num_records)
@@ -82,23 +84,26 @@ class GlobalShuffleSampler:
     self._num_epochs = num_epochs
     self._shard_count = int(shard_count)
     self._local_batch = int(local_batch)
+    self._first_batch = int(first_batch)
     self._cached_epoch, self._cached_order = -1, None
 
   def __len__(self) -> int:
     if self._num_epochs is None:
       return sys.maxsize
     global_batch = self._shard_count * self._local_batch
-    return self._num_records * self._num_epochs // global_batch * global_batch
+    remaining = self._num_records * self._num_epochs - self._first_batch * global_batch
+    return max(remaining, 0) // global_batch * global_batch
 
   def __repr__(self) -> str:  # grain compares it when restoring an iterator.
     return (f'GlobalShuffleSampler(num_records={self._num_records}, seed={self._seed}, '
             f'num_epochs={self._num_epochs}, shard_count={self._shard_count}, '
-            f'local_batch={self._local_batch})')
+            f'local_batch={self._local_batch}, first_batch={self._first_batch})')
 
   def stream_position(self, index: int) -> int:
     """The global stream position read at DataLoader index `index`."""
     i, shard = divmod(index, self._shard_count)
     batch, offset = divmod(i, self._local_batch)
+    batch += self._first_batch
     return (batch * self._shard_count + shard) * self._local_batch + offset
 
   def _order(self, epoch: int) -> np.ndarray:
@@ -198,7 +203,7 @@ class LabelledCrop(grain.transforms.RandomMap):
 def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
                  data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                  shard_index: int, shard_count: int, worker_count: Optional[int],
-                 num_epochs: Optional[int]) -> grain.DataLoader:
+                 num_epochs: Optional[int], first_batch: int = 0) -> grain.DataLoader:
   """Seeded, sharded, shuffled, batched DataLoader over the case ids of `split`."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -206,7 +211,8 @@ def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
     raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
   source = CaseIdSource(store, split)
   shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
-  sampler = GlobalShuffleSampler(len(source), seed, num_epochs, shard_count, batch_size)
+  sampler = GlobalShuffleSampler(len(source), seed, num_epochs, shard_count, batch_size,
+                                 first_batch)
   if worker_count is None:
     worker_count = int(data_cfg.get('worker_count', 0))
   # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (PITFALLS.md).
@@ -222,7 +228,7 @@ def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
 def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_size: int,
                     seed: int, shard_index: int = 0, shard_count: int = 1,
                     worker_count: Optional[int] = None, num_epochs: Optional[int] = None,
-                    split: str = 'pretrain') -> grain.DataLoader:
+                    split: str = 'pretrain', first_batch: int = 0) -> grain.DataLoader:
   """Two-view pre-training batches (docs/design.md batch table).
 
   Args:
@@ -234,6 +240,7 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.
     num_epochs: None repeats forever.
     split: store split to read.
+    first_batch: start at this global batch of the stream (resuming without iterator state).
 
   Returns:
     A DataLoader whose batches are dicts: `view1`, `view2` `[B, *P, 1]` float32 and
@@ -241,7 +248,8 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
   """
   return _make_loader(store, split, MakeViewPair(store, data_cfg), data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
-                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs)
+                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,
+                      first_batch=first_batch)
 
 
 def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: str,

@@ -69,11 +69,11 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   tmp.replace(path)
 
 
-def _make_data_iterator(store, config: ml_collections.ConfigDict, seed: int):
+def _make_data_iterator(store, config: ml_collections.ConfigDict, first_batch: int = 0):
   loader = pipeline.pretrain_loader(
-      store, config.data, batch_size=config.batch_size // jax.process_count(), seed=seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      worker_count=config.data.worker_count)
+      store, config.data, batch_size=config.batch_size // jax.process_count(),
+      seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      worker_count=config.data.worker_count, first_batch=first_batch)
   return iter(loader)
 
 
@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_data_mesh()
 
   store = case_store.CaseStore(resolve_data_dir(config.data))
-  data_iter = _make_data_iterator(store, config, config.seed)
+  data_iter = _make_data_iterator(store, config)
   model = pixssl.build_model(config.model, config.data.ndim)
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
   state = step_lib.init_train_state(model, tx, config, mesh)
@@ -118,11 +118,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     state, start_step, data_restored = restored
     if not data_restored:
-      # Another process count wrote the checkpoint: its iterator state does not apply here.
-      # Restart the data stream from a seed derived from the step rather than replay epoch 0.
-      data_iter = _make_data_iterator(store, config, config.seed + start_step)
+      # Another process count wrote the checkpoint, so its grain iterator state does not
+      # apply; the global data stream is the same for any process count, so start it at the
+      # batch of this step: the data continue exactly as in an uninterrupted run.
+      data_iter = _make_data_iterator(store, config, first_batch=start_step)
     print_fn(f'Resumed from step {start_step} in {workdir}'
-             + ('' if data_restored else ' (model only; data stream restarted)'))
+             + ('' if data_restored else ' (on another process count: data stream '
+                                         'repositioned to this step)'))
 
   train_step = step_lib.jit_train_step(model, tx, config, mesh)
   make_maps = step_lib.jit_pixel_maps(model, config, mesh)
