@@ -89,6 +89,36 @@ def loader_store(which: str, synthetic_store_dir: str):
   return case_store.CaseStore(default_dataset.ensure_phantom_store()), 'phantom store'
 
 
+def time_crop_sources(store, crop: int = 96, repeats: int = 20) -> tuple[float, float]:
+  """Median ms for a random crop^3 from the .npy memory map and from decoding the TFDS record.
+
+  Why the CaseStore keeps a memory-mapped cache: a whole-volume ArrayRecord record must be
+  decoded completely for every crop.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(store.data_dir, 'store.json')) as f:
+    info = json.load(f)['tfds']
+  source = tfds.builder_from_directory(
+      os.path.join(store.data_dir, info['builder_dir'])).as_data_source(split=info['split'])
+  rng = np.random.default_rng(0)
+  ids = store.split('pretrain')
+
+  def random_crop(volume):
+    o = [rng.integers(0, max(s - crop, 0) + 1) for s in volume.shape]
+    return np.array(volume[o[0]:o[0] + crop, o[1]:o[1] + crop, o[2]:o[2] + crop])
+
+  memmap_ms, record_ms = [], []
+  for i in range(repeats):
+    tic = time.perf_counter()
+    random_crop(store.image(ids[i % len(ids)]))
+    memmap_ms.append((time.perf_counter() - tic) * 1e3)
+    tic = time.perf_counter()
+    random_crop(source[i % len(source)]['image'])
+    record_ms.append((time.perf_counter() - tic) * 1e3)
+  return float(np.median(memmap_ms)), float(np.median(record_ms))
+
+
 def time_render(volume: np.ndarray, repeats: int = 7) -> list[tuple[str, float]]:
   """Best-of-`repeats` milliseconds per view of each rendering path (integer and resized T).
 
@@ -140,6 +170,7 @@ def main() -> None:
     first = store.split('pretrain')[0]
     volume = np.asarray(store.image(first))
     render_rows = time_render(volume)
+    memmap_ms, record_ms = time_crop_sources(store)
     loader_rows = []
     for name, (ndim, patch, batch_size) in PRESETS.items():
       for scale_name, scale_range in [('0.7-1.4', (0.7, 1.4)), ('off (exact path)', None)]:
@@ -157,6 +188,8 @@ def main() -> None:
   print(f'prepare (synthetic 256x256x60 NIfTI at 0.8x0.8x2.5 mm -> 1.5x1.5x2.0 mm): '
         f'{prepare_s:.2f} s/case; CaseStore .npy cache build: {cache_s:.2f} s/case\n')
   print(f'Loader store: {store_name}, volumes like {first} {volume.shape}\n')
+  print(f'Random 96^3 crop, median of 20: {memmap_ms:.2f} ms from the .npy memory map, '
+        f'{record_ms:.1f} ms decoding the TFDS ArrayRecord record\n')
   print('| view rendering | ms per view |\n| --- | --- |')
   for label, ms in render_rows:
     print(f'| {label} | {ms:.2f} |')

@@ -13,6 +13,9 @@
 # re-create it.
 set -euo pipefail
 
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly PROG="launch/babysit_tpu.sh"
@@ -35,39 +38,8 @@ Options are those of launch/tpu_pod.sh, plus:
 EOF
 }
 
-die() {
-  echo "${PROG}: error: $*" >&2
-  echo "Run '${PROG} --help' for usage." >&2
-  exit 2
-}
-
 log() {
   echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) ${PROG}: $*" >&2
-}
-
-# Quotes words for a POSIX shell; plain words stay bare so the output reads well.
-quote() {
-  local out=() word
-  local q="'"
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("${word}")
-    else
-      out+=("${q}${word//${q}/${q}\\${q}${q}}${q}")
-    fi
-  done
-  local IFS=' '
-  printf '%s' "${out[*]}"
-}
-
-# Runs one command that changes something, or prints it under --dry-run.
-run() {
-  if (( DRY_RUN )); then
-    printf '%s\n' "$(quote "$@")"
-  else
-    printf '+ %s\n' "$(quote "$@")" >&2
-    "$@"
-  fi
 }
 
 NAME="" ZONE="" PROJECT="" ACCEL="" VERSION="" CONFIG="" WORKDIR="" CAPACITY="" REF="HEAD"

@@ -12,6 +12,9 @@
 # create the venv with a managed Python 3.12.
 set -euo pipefail
 
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 readonly PROG="launch/bootstrap_worker.sh"
@@ -37,36 +40,6 @@ Options:
   --dry-run              Print the commands, one per line, instead of running.
   -h, --help             Show this help.
 EOF
-}
-
-die() {
-  echo "${PROG}: error: $*" >&2
-  exit 2
-}
-
-# Quotes words for a POSIX shell; plain words stay bare so the output reads well.
-quote() {
-  local out=() word
-  local q="'"
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("${word}")
-    else
-      out+=("${q}${word//${q}/${q}\\${q}${q}}${q}")
-    fi
-  done
-  local IFS=' '
-  printf '%s' "${out[*]}"
-}
-
-# Runs one command, or prints it (exactly, one line) under --dry-run.
-run() {
-  if (( DRY_RUN )); then
-    printf '%s\n' "$(quote "$@")"
-  else
-    printf '+ %s\n' "$(quote "$@")" >&2
-    "$@"
-  fi
 }
 
 ACCELERATOR="tpu" VENV="${HOME}/pixssl_jax/venv" PYTHON="" FORCE=0 DRY_RUN=0

