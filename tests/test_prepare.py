@@ -237,6 +237,21 @@ def test_discovery_of_msd_btcv_and_folder_layouts(tmp_path):
   assert [(c.case_id, os.path.basename(c.label)) for c in raw.cases] == [('a', 'a.nii')]
 
 
+def test_nnunet_channel_suffix_is_stripped_only_where_every_image_has_one(tmp_path):
+  aff, vol = np.eye(4), _ct((4, 4, 4))
+  for name in ('case_0000', 'case_0001'):  # Plain MSD names that happen to end in _0000.
+    _save(tmp_path / 'msd' / 'imagesTr' / f'{name}.nii.gz', vol, aff)
+    _save(tmp_path / 'msd' / 'labelsTr' / f'{name}.nii.gz', np.zeros((4, 4, 4)), aff, np.uint8)
+  assert [c.case_id for c in prepare.discover(tmp_path / 'msd').cases] == [
+      'case_0000', 'case_0001']
+  for name in ('liver_001', 'liver_002'):  # nnU-Net raw format: a channel tag on every image.
+    _save(tmp_path / 'nnunet' / 'imagesTr' / f'{name}_0000.nii.gz', vol, aff)
+    _save(tmp_path / 'nnunet' / 'labelsTr' / f'{name}.nii.gz', np.zeros((4, 4, 4)), aff, np.uint8)
+  cases = prepare.discover(tmp_path / 'nnunet').cases
+  assert [(c.case_id, os.path.basename(c.label)) for c in cases] == [
+      ('liver_001', 'liver_001.nii.gz'), ('liver_002', 'liver_002.nii.gz')]
+
+
 def test_splits_are_seeded_disjoint_and_nested():
   ids = [f'c{i:02d}' for i in range(40)]
   labelled = ids[:30]

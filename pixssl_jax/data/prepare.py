@@ -161,9 +161,18 @@ def _read_dataset_json(path: str) -> dict:
   return meta
 
 
-def _msd_case_id(stem: str) -> str:
-  # nnU-Net style channel suffix: imagesTr/liver_001_0000.nii.gz <-> labelsTr/liver_001.nii.gz.
-  return stem[:-5] if stem.endswith('_0000') else stem
+def _msd_case_id_fn(image_stems, label_stems):
+  """Case id of an image stem: nnU-Net's channel suffix stripped where the folder uses one.
+
+  nnU-Net's raw format tags every image with a channel (imagesTr/liver_001_0000.nii.gz <->
+  labelsTr/liver_001.nii.gz). A plain MSD folder may have a case that merely ends in _0000
+  (case_0000, case_0001, ...): there the name is kept, or case_0000 would become 'case'.
+  """
+  image_stems, label_stems = list(image_stems), set(label_stems)
+  tagged = bool(image_stems) and all(
+      s.endswith('_0000') and s not in label_stems for s in image_stems)
+  return (lambda stem: stem[:-5] if stem.endswith('_0000') else stem) if tagged else (
+      lambda stem: stem)
 
 
 def _discover_msd(root: str, cases: dict, errors: list) -> dict[int, str] | None:
@@ -172,6 +181,10 @@ def _discover_msd(root: str, cases: dict, errors: list) -> dict[int, str] | None
   label_names = _label_names(meta['labels'], json_path) if 'labels' in meta else None
   listed = [(e, True) for e in meta.get('training', [])]
   listed += [({'image': e} if isinstance(e, str) else e, False) for e in meta.get('test', [])]
+  listed_stems = [nifti_io.strip_nifti_suffix(os.path.basename(e['image'])) for e, _ in listed]
+  listed_case_id = _msd_case_id_fn(listed_stems, [
+      nifti_io.strip_nifti_suffix(os.path.basename(e['label']))
+      for e, labelled in listed if labelled and e.get('label')])
   for entry, labelled in listed:
     image = os.path.normpath(os.path.join(root, entry['image']))
     label = entry.get('label') if labelled else None
@@ -181,7 +194,7 @@ def _discover_msd(root: str, cases: dict, errors: list) -> dict[int, str] | None
       errors.append(CaseError(missing[0], 'listed in dataset.json but the file is missing'))
       continue
     stem = nifti_io.strip_nifti_suffix(os.path.basename(image))
-    _add(cases, RawCase(_msd_case_id(stem), image, label), errors)
+    _add(cases, RawCase(listed_case_id(stem), image, label), errors)
   for images_sub, labels_sub in (('imagesTr', 'labelsTr'), ('imagesTs', None)):
     images_dir = os.path.join(root, images_sub)
     if not os.path.isdir(images_dir):
@@ -189,8 +202,9 @@ def _discover_msd(root: str, cases: dict, errors: list) -> dict[int, str] | None
     labels_dir = os.path.join(root, labels_sub) if labels_sub else None
     labels = (_nifti_files(labels_dir, errors)
               if labels_dir and os.path.isdir(labels_dir) else {})
-    _pair(_nifti_files(images_dir, errors), labels, cases, errors,
-          label_key=_msd_case_id, case_id=_msd_case_id)
+    images = _nifti_files(images_dir, errors)
+    case_id = _msd_case_id_fn(images, labels)
+    _pair(images, labels, cases, errors, label_key=case_id, case_id=case_id)
   return label_names
 
 
