@@ -1,6 +1,6 @@
 r"""Pre-training step time, the cost of the uncertainty, and the method's FLOP overhead.
 
-  python benchmarks/train_step.py [--presets demo,3d64] [--steps 6]
+  PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64] [--steps 6]
 
 For each preset, on this machine's default JAX devices (one CPU device uses every core):
   * median step time of the jitted train step and samples/s (random inputs, so the input

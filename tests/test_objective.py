@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pixssl_jax import losses
-from pixssl_jax.models.pixssl import build_model, init_params
+from pixssl_jax.models.heads import dropout_scale
+from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
+from pixssl_jax.train.objective import _stabilized_prediction
 from pixssl_jax.train.objective import default_method_config, pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
@@ -176,3 +178,19 @@ def test_bad_method_fields_are_named():
     _loss(_cfg(weighting='softmax'))
   with pytest.raises(ValueError, match='method.match'):
     _loss(_cfg(match='nearest'))
+
+
+def test_stabilizer_mean_equals_the_mean_of_its_k_samples():
+  # The prediction is the last layer on the mean dropped hidden layer: check it is the mean of
+  # the K stabilizer outputs, and the uncertainty their channel-mean variance.
+  model, params, _, batch = _setup(0.2)
+  proj = model.apply({'params': params}, batch['view1'])['pixel_proj']
+  key = jax.random.key(5)
+  mean, uncertainty = _stabilized_prediction(params, proj, key, model=model, mc_samples=4)
+  hidden = model.apply({'params': params}, proj, method=PixSSLModel.stabilizer_hidden_layer)
+  samples = jnp.stack([
+      model.apply({'params': params}, hidden * dropout_scale(hidden.shape, 0.2, k),
+                  method=PixSSLModel.stabilizer_output) for k in jax.random.split(key, 4)])
+  np.testing.assert_allclose(mean, samples.mean(0), rtol=1e-5, atol=1e-6)
+  normed = samples / jnp.linalg.norm(samples, axis=-1, keepdims=True)
+  np.testing.assert_allclose(uncertainty, normed.var(0).mean(-1), rtol=1e-4, atol=1e-8)

@@ -8,6 +8,7 @@ from pixssl_jax.losses.pixel_matching import linear_interpolate
 from pixssl_jax.losses.pixel_matching import match_features
 from pixssl_jax.losses.pixel_matching import match_features_by_distance
 from pixssl_jax.losses.uncertainty import mc_dropout_statistics
+from pixssl_jax.losses.uncertainty import mean_over_samples
 from pixssl_jax.losses.uncertainty import ramp_threshold
 from pixssl_jax.losses.uncertainty import WEIGHTING_FORMS
 from pixssl_jax.losses.uncertainty import weighted_pixel_loss
@@ -22,6 +23,7 @@ __all__ = [
     'match_features',
     'match_features_by_distance',
     'mc_dropout_statistics',
+    'mean_over_samples',
     'ramp_threshold',
     'weighted_pixel_loss',
 ]

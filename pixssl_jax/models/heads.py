@@ -105,6 +105,33 @@ class PixelProjector(nn.Module):
     return x.astype(jnp.float32)
 
 
+def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array) -> jnp.ndarray:
+  """An inverted-dropout multiplier drawing 8 random bits per element instead of 32.
+
+  On CPU the threefry bits of a standard dropout mask dominated the K-sample stabilizer (one
+  32-bit draw per element); one 32-bit draw here gives four 8-bit keep tests, so the drop
+  probability is `rate` rounded to a multiple of 1/256. The bits come from `jax.random.bits`,
+  so the mask does not depend on how the array is sharded.
+
+  Args:
+    shape: `[..., C]` shape of the activations.
+    rate: drop probability in [0, 1).
+    key: PRNG key.
+
+  Returns:
+    float32 array of `shape`: 0 where dropped, 1 / keep probability where kept.
+  """
+  threshold = int(round(rate * 256))
+  if threshold == 0:
+    return jnp.ones(shape, jnp.float32)
+  channels = shape[-1]
+  words = -(-channels // 4)
+  bits = jax.random.bits(key, tuple(shape[:-1]) + (words,), jnp.uint32)
+  draws = jax.lax.bitcast_convert_type(bits, jnp.uint8).reshape(tuple(shape[:-1]) + (4 * words,))
+  keep = draws[..., :channels] >= threshold
+  return jnp.where(keep, 256.0 / (256 - threshold), 0.0).astype(jnp.float32)
+
+
 class ContextStabilizer(nn.Module):
   """1x1 conv MLP with dropout between the layers (METHOD.md "Context stabilizer").
 
@@ -113,22 +140,39 @@ class ContextStabilizer(nn.Module):
   Monte Carlo samples whose spread is the per-pixel uncertainty. The norm is per pixel
   (LayerNorm over channels) so each pixel's prediction depends on that pixel only.
 
+  Everything before the dropout is the same for the K samples, and the last layer is affine, so
+  the two halves are exposed (`hidden`, `output`): the caller computes the hidden layer once and
+  can take the mean prediction as `output(mean of the K dropped hidden layers)`.
+
   Attributes:
-    hidden: hidden width.
+    hidden_dim: hidden width.
     out: output channels (the pixel projection width).
-    dropout_rate: dropout probability on the hidden layer.
+    dropout_rate: dropout probability on the hidden layer (rounded to a multiple of 1/256,
+      see `dropout_scale`).
     dtype: compute dtype.
   """
-  hidden: int
+  hidden_dim: int
   out: int
   dropout_rate: float
   dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.conv0 = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32)
+    self.norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32)
+    self.conv1 = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32)
+
+  def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
+    """`[B, *G, Cin]` -> the hidden layer before dropout, `[B, *G, hidden_dim]`."""
+    h = self.norm(self.conv0(x).astype(jnp.float32))
+    return nn.relu(h).astype(self.dtype)
+
+  def output(self, h: jnp.ndarray) -> jnp.ndarray:
+    """The affine last layer on `[..., hidden_dim]` (any leading axes), float32."""
+    return self.conv1(h).astype(jnp.float32)
+
   def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
     """Maps `[B, *G, Cin]` to `[B, *G, out]` float32; uses the 'dropout' rng if not deterministic."""
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='conv0')(x)
-    x = nn.relu(_layer_norm_f32(x, 'norm'))
-    x = nn.Dropout(self.dropout_rate, deterministic=deterministic, name='dropout')(x)
-    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32, name='conv1')(x)
-    return x.astype(jnp.float32)
+    h = self.hidden(x)
+    if not deterministic:
+      h = h * dropout_scale(h.shape, self.dropout_rate, self.make_rng('dropout')).astype(h.dtype)
+    return self.output(h)

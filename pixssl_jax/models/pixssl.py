@@ -105,6 +105,14 @@ class PixSSLModel(nn.Module):
     """
     return self.stabilizer(pixel_proj.astype(self.dtype), deterministic=deterministic)
 
+  def stabilizer_hidden_layer(self, pixel_proj: jnp.ndarray) -> jnp.ndarray:
+    """The stabilizer's hidden layer before dropout, `[B, *G, stabilizer_hidden]`."""
+    return self.stabilizer.hidden(pixel_proj.astype(self.dtype))
+
+  def stabilizer_output(self, hidden: jnp.ndarray) -> jnp.ndarray:
+    """The stabilizer's affine last layer on `[..., stabilizer_hidden]`, float32."""
+    return self.stabilizer.output(hidden)
+
   def init_all(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
     """Touches every submodule (for `init`): forward pass plus a deterministic stabilizer."""
     out = self(x)

@@ -16,9 +16,11 @@ from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
 from pixssl_jax.losses import match_features_by_distance
 from pixssl_jax.losses import mc_dropout_statistics
+from pixssl_jax.losses import mean_over_samples
 from pixssl_jax.losses import ramp_threshold
 from pixssl_jax.losses import WEIGHTING_FORMS
 from pixssl_jax.losses import weighted_pixel_loss
+from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import PixSSLModel
 
 MATCH_MODES = ('inverse', 'distance')
@@ -54,20 +56,50 @@ def default_method_config() -> ml_collections.ConfigDict:
 
 
 def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
-                           model: PixSSLModel, mc_samples: int
+                           model: PixSSLModel, mc_samples: int,
+                           differentiate_uncertainty: bool = False
                            ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Runs the stabilizer K times as one vmap over dropout keys; returns (mean, uncertainty)."""
+  """Runs the stabilizer K times with independent dropout keys; returns (mean, uncertainty).
+
+  The K samples share everything before the dropout, so the hidden layer is computed once and
+  only the dropout masks are drawn per key, as one vmap over the K keys. The last layer is
+  affine, so the mean of the K outputs equals the last layer applied to the mean of the K
+  dropped hidden layers: the prediction (and its gradient) costs one pass, not K. The K outputs
+  themselves are needed only for the uncertainty; unless the weighting differentiates through
+  it (`kendall`), they get no backward pass.
+
+  Args:
+    params: student params.
+    pixel_proj: `[N, *G, Cp]` student pixel projections.
+    key: dropout key; sample k uses `split(key, K)[k]`.
+    model: the module (static).
+    mc_samples: K.
+    differentiate_uncertainty: let gradients flow through the uncertainty.
+
+  Returns:
+    `(mean [N, *G, Cp], uncertainty [N, *G])`; the uncertainty is 0 without MC dropout.
+  """
+  variables = {'params': params}
   if mc_samples <= 1 or model.stabilizer_dropout == 0.0:
     # Without MC dropout the stabilizer is a deterministic predictor and nothing is uncertain.
-    pred = model.apply({'params': params}, pixel_proj, True, method=PixSSLModel.stabilize)
+    pred = model.apply(variables, pixel_proj, True, method=PixSSLModel.stabilize)
     return pred, jnp.zeros(pred.shape[:-1], jnp.float32)
 
-  def one_sample(dropout_key):
-    return model.apply({'params': params}, pixel_proj, False, method=PixSSLModel.stabilize,
-                       rngs={'dropout': dropout_key})
-
-  samples = jax.vmap(one_sample)(jax.random.split(key, mc_samples))  # [K, 2B, *G, Cp]
-  return mc_dropout_statistics(samples)
+  hidden = model.apply(variables, pixel_proj, method=PixSSLModel.stabilizer_hidden_layer)
+  # One dropout multiplier per key [K, N, *G, H], drawn as one vmap over the K keys.
+  scales = jax.vmap(lambda k: dropout_scale(hidden.shape, model.stabilizer_dropout, k))(
+      jax.random.split(key, mc_samples)).astype(hidden.dtype)
+  # Averaging the masks, not the dropped activations, keeps the K axis out of the backward
+  # pass (XLA's CPU reductions over a leading axis are slow; see `mean_over_samples`).
+  mean = model.apply(variables, hidden * mean_over_samples(scales),
+                     method=PixSSLModel.stabilizer_output)
+  if not differentiate_uncertainty:
+    hidden = jax.lax.stop_gradient(hidden)
+  samples = model.apply(variables, hidden[None] * scales, method=PixSSLModel.stabilizer_output)
+  if not differentiate_uncertainty:
+    samples = jax.lax.stop_gradient(samples)
+  _, uncertainty = mc_dropout_statistics(samples)
+  return mean, uncertainty
 
 
 def _pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray,
@@ -90,7 +122,8 @@ def _pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarra
   # 4. The stabilizer's MC mean and its uncertainty, or the raw projection when ablated.
   if method_cfg.use_stabilizer:
     pred_pix, uncertainty = _stabilized_prediction(
-        params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples))
+        params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples),
+        differentiate_uncertainty=method_cfg.weighting == 'kendall')
   else:
     pred_pix = student_pix
     uncertainty = jnp.zeros(student_pix.shape[:-1], jnp.float32)
