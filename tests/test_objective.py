@@ -11,7 +11,7 @@ import pytest
 from pixssl_jax import losses
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
-from pixssl_jax.train.objective import _stabilized_prediction
+from pixssl_jax.train.objective import stabilized_prediction
 from pixssl_jax.train.objective import default_method_config, pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
@@ -186,7 +186,7 @@ def test_stabilizer_mean_equals_the_mean_of_its_k_samples():
   model, params, _, batch = _setup(0.2)
   proj = model.apply({'params': params}, batch['view1'])['pixel_proj']
   key = jax.random.key(5)
-  mean, uncertainty = _stabilized_prediction(params, proj, key, model=model, mc_samples=4)
+  mean, uncertainty = stabilized_prediction(params, proj, key, model=model, mc_samples=4)
   hidden = model.apply({'params': params}, proj, method=PixSSLModel.stabilizer_hidden_layer)
   samples = jnp.stack([
       model.apply({'params': params}, hidden * dropout_scale(hidden.shape, 0.2, k),

@@ -182,7 +182,7 @@ def encode(run: Run, volume, *, params: Any = None, level: int | None = None,
 @functools.partial(jax.jit, static_argnames=('model', 'mc_samples'))
 def _mc_uncertainty(params, pixel_proj: jax.Array, key: jax.Array, *, model: PixSSLModel,
                     mc_samples: int) -> jax.Array:
-  return objective._stabilized_prediction(  # pylint: disable=protected-access
+  return objective.stabilized_prediction(
       params, pixel_proj, key, model=model, mc_samples=mc_samples)[1]
 
 
@@ -281,7 +281,7 @@ def _pair_forward(student_params, teacher_params, batch, key, *, model: PixSSLMo
   views_ = jnp.concatenate([batch['view1'], batch['view2']], axis=0)
   student = model.apply({'params': student_params}, views_, with_predictor=False)['pixel_proj']
   teacher = model.apply({'params': teacher_params}, views_, with_predictor=False)['pixel_proj']
-  pred, uncertainty, matched, valid = objective._pixel_predictions(  # pylint: disable=protected-access
+  pred, uncertainty, matched, valid = objective.pixel_predictions(
       student_params, student, teacher, batch, key, model=model, method_cfg=method_cfg)
   return student, teacher, uncertainty, valid, cosine_discrepancy(pred, matched)
 

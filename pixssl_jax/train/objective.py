@@ -55,7 +55,7 @@ def default_method_config() -> ml_collections.ConfigDict:
   })
 
 
-def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
+def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
                            model: PixSSLModel, mc_samples: int,
                            differentiate_uncertainty: bool = False
                            ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -102,7 +102,7 @@ def _stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
   return mean, uncertainty
 
 
-def _pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray,
+def pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray,
                        batch: dict[str, jax.Array], key: jax.Array, *, model: PixSSLModel,
                        method_cfg: ml_collections.ConfigDict):
   """Student pixel predictions with their uncertainty, and the matched teacher targets.
@@ -121,7 +121,7 @@ def _pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarra
   b = student_pix.shape[0] // 2
   # 4. The stabilizer's MC mean and its uncertainty, or the raw projection when ablated.
   if method_cfg.use_stabilizer:
-    pred_pix, uncertainty = _stabilized_prediction(
+    pred_pix, uncertainty = stabilized_prediction(
         params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples),
         differentiate_uncertainty=method_cfg.weighting == 'kendall')
   else:
@@ -154,7 +154,7 @@ def pixel_maps(params, ema_params, batch: dict[str, jax.Array], key: jax.Array, 
   views = jnp.concatenate([first['view1'], first['view2']], axis=0)
   student = model.apply({'params': params}, views, with_predictor=False)
   teacher = model.apply({'params': ema_params}, views, with_predictor=False)
-  _, uncertainty, _, valid = _pixel_predictions(
+  _, uncertainty, _, valid = pixel_predictions(
       params, student['pixel_proj'], teacher['pixel_proj'], first, key, model=model,
       method_cfg=method_cfg)
   return {'view1': views[0, ..., 0], 'view2': views[1, ..., 0],
@@ -215,7 +215,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
   if use_pixel:
     # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
-    pred_pix, uncertainty, matched, valid = _pixel_predictions(
+    pred_pix, uncertainty, matched, valid = pixel_predictions(
         params, student['pixel_proj'], teacher['pixel_proj'], batch, key, model=model,
         method_cfg=method_cfg)
     discrepancy = cosine_discrepancy(pred_pix, matched)
