@@ -52,7 +52,7 @@ def _distributed_settings() -> dict | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if flags.FLAGS['verbosity'].using_default_value:
+  if not flags.FLAGS['verbosity'].present:
     # Orbax and grain log every save and read at INFO; keep the console to our progress lines.
     logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so --help is instant and env settings apply first.

@@ -196,9 +196,7 @@ def plot_pair_uncertainty(pair: PairAnalysis, title: str | None = None) -> Figur
 
 
 def _masked_cmap(name: str):
-  cmap = colormaps[name].copy()
-  cmap.set_bad('0.6')
-  return cmap
+  return colormaps[name].with_extremes(bad='0.6')
 
 
 def plot_uncertainty(ct: np.ndarray, uncertainty: np.ndarray, *, plane: str = 'axial',
