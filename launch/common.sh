@@ -1,6 +1,11 @@
 # Shell helpers shared by the launch scripts; sourced, not run. The sourcing script sets PROG
 # (its name, for messages) and, where it uses `run`, DRY_RUN (1 prints commands instead).
 
+# The repository checkout the scripts belong to (this file is in its launch/ folder).
+# shellcheck disable=SC2034  # Used by the scripts that source this file.
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly REPO_ROOT
+
 die() {
   echo "${PROG}: error: $*" >&2
   echo "Run '${PROG} --help' for usage." >&2

@@ -64,9 +64,7 @@ def test_load_run_restores_the_eight_device_checkpoint_on_one_device(workdir, ru
   config = load_config('tiny')
   mesh = mesh_lib.make_data_mesh()
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  template = jax.eval_shape(lambda: step_lib.init_train_state(run.model, tx, config, mesh))
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)), template)
+  template = step_lib.abstract_train_state(run.model, tx, config, mesh)
   manager = checkpointing.make_manager(str(workdir), keep=3)
   state, step, _ = checkpointing.restore_latest(manager, template, None)
   assert step == 4

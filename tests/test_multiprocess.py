@@ -49,10 +49,7 @@ def restore_params_on_one_device(workdir):
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   model = pixssl.build_model(config.model, config.data.ndim)
   tx = state_lib.make_optimizer(config.optim, 3)
-  template = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, config, mesh))
-  template = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)),
-      template)
+  template = step_lib.abstract_train_state(model, tx, config, mesh)
   manager = checkpointing.make_manager(str(workdir), keep=3)
   state, step, data_restored = checkpointing.restore_latest(manager, template, None)
   return state, step, data_restored

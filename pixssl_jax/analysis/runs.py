@@ -115,17 +115,6 @@ def available_steps(workdir) -> list[int]:
   return sorted(int(s) for s in _read_only_manager(workdir).all_steps())
 
 
-def _one_device_template(model: pixssl.PixSSLModel, config: ml_collections.ConfigDict,
-                         device: jax.Device) -> state_lib.TrainState:
-  """An abstract TrainState of the run's shapes, every leaf replicated on `device` only."""
-  mesh = mesh_lib.make_data_mesh([device])
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  abstract = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, config, mesh))
-  sharding = mesh_lib.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
-
 def load_run(workdir, step: int | None = None, which: str = 'teacher',
              device: jax.Device | None = None) -> Run:
   """Restores a run's config and the parameters of one checkpoint onto one device.
@@ -163,7 +152,9 @@ def load_run(workdir, step: int | None = None, which: str = 'teacher',
 
   model = pixssl.build_model(config.model, config.data.ndim)
   device = device if device is not None else jax.local_devices()[0]
-  template = _one_device_template(model, config, device)
+  # Every leaf replicated on `device` only: a checkpoint from any topology restores there.
+  tx = state_lib.make_optimizer(config.optim, config.num_steps)
+  template = step_lib.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh([device]))
   manager = _read_only_manager(workdir)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -138,6 +138,8 @@ def _validate(model: PixSSLModel) -> None:
                      f'[0, {len(model.features) - 1}] for features={tuple(model.features)}')
   if not 0.0 <= model.stabilizer_dropout < 1.0:
     raise ValueError(f'model.stabilizer_dropout={model.stabilizer_dropout} must be in [0, 1)')
+  if model.head_norm not in ('batch', 'layer'):
+    raise ValueError(f"model.head_norm={model.head_norm!r} must be 'batch' or 'layer'")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:

@@ -10,6 +10,7 @@ import ml_collections
 from etils import epath
 
 from pixssl_jax.losses import WEIGHTING_FORMS
+from pixssl_jax.models import pixssl
 from pixssl_jax.train.objective import MATCH_MODES
 
 
@@ -33,23 +34,11 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
     problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be '
                     f'divisible by {factor}, the U-Net down-sampling factor of {levels} levels '
                     f'(config.model.features={tuple(model.features)}).')
-  if not 0 <= model.pixel_level < levels:
-    problems.append(f'config.model.pixel_level={model.pixel_level}: must be in [0, {levels - 1}] '
-                    f'for a {levels}-level U-Net.')
-  bad_groups = [c for c in model.features if c % model.num_groups]
-  if bad_groups:
-    problems.append(f'config.model.features={tuple(model.features)}: {bad_groups} not divisible '
-                    f'by config.model.num_groups={model.num_groups} (GroupNorm).')
-  if model.proj_hidden % model.num_groups:
-    problems.append(f'config.model.proj_hidden={model.proj_hidden} (also the pixel projector '
-                    f'width) is not divisible by config.model.num_groups={model.num_groups}.')
-  if not 0.0 <= model.stabilizer_dropout < 1.0:
-    problems.append(f'config.model.stabilizer_dropout={model.stabilizer_dropout}: must be in '
-                    '[0, 1).')
-  if model.head_norm not in ('batch', 'layer'):
-    problems.append(f"config.model.head_norm={model.head_norm!r}: use 'batch' or 'layer'.")
-  if model.dtype not in ('float32', 'bfloat16'):
-    problems.append(f"config.model.dtype={model.dtype!r}: use 'float32' or 'bfloat16'.")
+  if data.ndim in (2, 3):
+    try:
+      pixssl.build_model(model, data.ndim)  # The model checks its own fields.
+    except ValueError as e:
+      problems.append(f'config.{e}.')
   if config.batch_size % device_count:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by the '
                     f'{device_count} devices of the data mesh.')

@@ -110,12 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_iter = _make_data_iterator(store, config)
   model = pixssl.build_model(config.model, config.data.ndim)
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state = step_lib.init_train_state(model, tx, config, mesh)
 
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  start_step = 0
-  restored = checkpointing.restore_latest(manager, state, data_iter)
-  if restored is not None:
+  # Restore onto an abstract state first: initialising parameters only to overwrite them would
+  # cost a compile and a pass on every resume.
+  restored = checkpointing.restore_latest(
+      manager, step_lib.abstract_train_state(model, tx, config, mesh), data_iter)
+  if restored is None:
+    state, start_step = step_lib.init_train_state(model, tx, config, mesh), 0
+  else:
     state, start_step, data_restored = restored
     if not data_restored:
       # Another process count wrote the checkpoint, so its grain iterator state does not
@@ -152,10 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   try:
     for step in range(start_step, config.num_steps):
-      if step > start_step and (step % config.checkpoint_every == 0 or stop_requested(step)):
+      stop = step > start_step and stop_requested(step)
+      if stop or (step > start_step and step % config.checkpoint_every == 0):
         finish_pending()
         checkpointing.save(manager, step, state, data_iter, force=True)
-        if stop_requested(step):
+        if stop:
           manager.wait_until_finished()
           print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
           return state

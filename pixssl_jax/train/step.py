@@ -16,6 +16,11 @@ from pixssl_jax.train import state as state_lib
 Metrics = dict[str, jax.Array]
 
 
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The randomness of one step: a function of (seed, step) only, so resumes replay it."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> tuple[state_lib.TrainState, Metrics]:
@@ -31,11 +36,9 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
   Returns:
     The new state and scalar metrics of this step (computed before the update).
   """
-  # Randomness is a function of (seed, step) only, so a resumed run replays it exactly.
-  step_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
-
   def loss_fn(params):
-    return objective.pretrain_loss(params, state.ema_params, batch, step_key, state.step,
+    return objective.pretrain_loss(params, state.ema_params, batch,
+                                   step_key(config.seed, state.step), state.step,
                                    model=model, method_cfg=config.method,
                                    num_steps=config.num_steps)
 
@@ -82,13 +85,27 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(create, out_shardings=mesh_lib.replicated(mesh))(init_key)
 
 
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                         config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                         ) -> state_lib.TrainState:
+  """Shapes, dtypes and replicated shardings of the state, computing nothing.
+
+  The restore target for a checkpoint: Orbax reshards onto these shardings whatever topology
+  wrote it (one device, a host, a pod).
+  """
+  replicated = mesh_lib.replicated(mesh)
+  abstract = jax.eval_shape(lambda: init_train_state(model, tx, config, mesh))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+
+
 def jit_pixel_maps(model: nn.Module, config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh) -> Callable[[state_lib.TrainState, Any], Metrics]:
   """`objective.pixel_maps` of a state and a global batch, replicated for logging."""
 
   def maps(state, batch):
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
-    return objective.pixel_maps(state.params, state.ema_params, batch, key, model=model,
+    return objective.pixel_maps(state.params, state.ema_params, batch,
+                                step_key(config.seed, state.step), model=model,
                                 method_cfg=config.method)
 
   replicated = mesh_lib.replicated(mesh)
