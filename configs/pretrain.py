@@ -31,6 +31,7 @@ def _data_config() -> ml_collections.ConfigDict:
   data.num_phantoms = 24
   data.phantom_seed = 0
   data.phantom_shape_scale = 1.0
+  data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
   data.patch_size = (128, 128)
   # Spatial augmentation [default]: overlapping random crops, flips, axial rot90.

@@ -1,7 +1,12 @@
-r"""Command-line entry point: pre-train (and later fine-tune and evaluate) from a config file.
+r"""Command-line entry point: pre-train, fine-tune and evaluate from a config file.
 
   python -m pixssl_jax.main --config configs/pretrain.py:demo --workdir runs/demo \
       [--config.num_steps=50] [--config.data.data_dir=/path/to/store]
+  python -m pixssl_jax.main --config configs/finetune.py:demo --workdir runs/demo_ft \
+      --config.pretrained_workdir=runs/demo [--config.mode=evaluate]
+
+`config.mode` picks the job: 'pretrain' (configs/pretrain.py), 'finetune' or 'evaluate'
+(configs/finetune.py).
 
 Multi-process (one process per host): on Cloud TPU `jax.distributed.initialize()` finds
 everything itself; elsewhere pass --coordinator_address/--num_processes/--process_id, or set
@@ -70,9 +75,16 @@ def main(argv):
     if config.mode == 'pretrain':
       from pixssl_jax.train import pretrain
       pretrain.train_and_evaluate(config, _WORKDIR.value)
+    elif config.mode == 'finetune':
+      from pixssl_jax.train import finetune
+      finetune.train_and_evaluate(config, _WORKDIR.value)
+    elif config.mode == 'evaluate':
+      from pixssl_jax.train import evaluate
+      evaluate.evaluate(config, _WORKDIR.value)
     else:
       raise config_checks.ConfigError(
-          f"config.mode={config.mode!r}: supported modes are 'pretrain'.")
+          f"config.mode={config.mode!r}: choose 'pretrain' (configs/pretrain.py), 'finetune' "
+          "or 'evaluate' (configs/finetune.py).")
   except config_checks.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

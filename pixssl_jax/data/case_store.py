@@ -117,6 +117,21 @@ class CaseStore:
     return self._cache_dir
 
   @property
+  def raw_dir(self) -> str | None:
+    """The raw dataset folder the store was prepared from, or None if it is not found.
+
+    Tried in order: the absolute path recorded by `prepare`, then the recorded path relative
+    to the store (a store moved or renamed together with its raw folder).
+    """
+    candidates = [self._store.get('raw_dir')]
+    if self._store.get('raw_dir_relative'):
+      candidates.append(str(self._data_dir / self._store['raw_dir_relative']))
+    for candidate in candidates:
+      if candidate and epath.Path(candidate).is_dir():
+        return os.path.normpath(candidate) if '://' not in candidate else candidate
+    return None
+
+  @property
   def hu_window(self) -> tuple[float, float]:
     """(lo, hi) HU window the stored voxels are clipped to."""
     return tuple(float(v) for v in self._store['hu_window'])

@@ -1,7 +1,7 @@
 """The default dataset: synthetic CT phantoms, generated and prepared once, then reused.
 
 `ensure_phantom_store()` returns the path of a prepared store under
-`CACHE_ROOT/phantoms-v1-n{num_cases}-s{seed}/store` (`CACHE_ROOT` is `$PIXSSL_CACHE` or
+`CACHE_ROOT/phantoms-v1-n{num_cases}-s{seed}[-x{scale}][-sp{spacing}]/store` (`CACHE_ROOT` is `$PIXSSL_CACHE` or
 `~/.cache/pixssl_jax`). The first call generates the phantoms (`phantoms.generate_dataset`)
 into `raw/` beside it and runs `prepare_dataset`, all inside a private temporary folder that
 is renamed into place at the end. Two processes starting at once both build; the first rename
@@ -17,20 +17,25 @@ from pixssl_jax.data import prepare
 
 # Bump when the phantom generator or the preprocessing changes what a store contains.
 PHANTOM_VERSION = 'v1'
+# The store grid of `prepare_dataset`'s default, in mm (x, y, z).
+DEFAULT_SPACING = (1.5, 1.5, 2.0)
 
 
 def phantom_store_dir(cache_root=None, num_cases: int = 24, seed: int = 0,
-                      shape_scale: float = 1.0) -> str:
+                      shape_scale: float = 1.0, spacing=DEFAULT_SPACING) -> str:
   """Folder holding `raw/` and `store/` for these phantom settings."""
   root = os.fspath(cache_root) if cache_root is not None else case_store.default_cache_root()
   name = f'phantoms-{PHANTOM_VERSION}-n{num_cases}-s{seed}'
   if shape_scale != 1.0:
     name += f'-x{shape_scale:g}'
+  if tuple(float(v) for v in spacing) != DEFAULT_SPACING:
+    name += '-sp' + '_'.join(f'{float(v):g}' for v in spacing)
   return os.path.join(os.path.abspath(root), name)
 
 
 def ensure_phantom_store(cache_root=None, num_cases: int = 24, seed: int = 0,
-                         shape_scale: float = 1.0, verbose: bool = True) -> str:
+                         shape_scale: float = 1.0, verbose: bool = True,
+                         spacing=DEFAULT_SPACING) -> str:
   """Returns a prepared phantom store, generating and preparing it on first use.
 
   Args:
@@ -40,11 +45,13 @@ def ensure_phantom_store(cache_root=None, num_cases: int = 24, seed: int = 0,
     seed: seed of the phantom generator and of the splits.
     shape_scale: phantom volume size factor (1.0 is the generator's default size).
     verbose: print short progress lines.
+    spacing: the store grid in mm (x, y, z); coarser grids make smaller volumes (the benchmark
+      and the tiny test presets use them to keep whole-volume inference cheap).
 
   Returns:
     Path of the store folder (open it with `CaseStore`).
   """
-  final = phantom_store_dir(cache_root, num_cases, seed, shape_scale)
+  final = phantom_store_dir(cache_root, num_cases, seed, shape_scale, spacing)
   store = os.path.join(final, 'store')
   if os.path.exists(os.path.join(store, 'store.json')):
     return store
@@ -66,7 +73,7 @@ def ensure_phantom_store(cache_root=None, num_cases: int = 24, seed: int = 0,
       print(f'pixssl_jax: generated in {time.time() - start:.0f} s; preparing the store...',
             flush=True)
     summary = prepare.prepare_dataset(raw, os.path.join(tmp, 'store'), seed=seed,
-                                      strict=True, verbose=False)
+                                      spacing=spacing, strict=True, verbose=False)
     try:
       os.rename(tmp, final)
     except OSError:

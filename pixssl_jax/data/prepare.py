@@ -381,6 +381,9 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
         'label_names': _json_names(label_names),
         'layout': raw.layout,
         'raw_dir': str(raw.root),
+        # Where the raw files are seen from the store, for stores moved together with them
+        # (the phantom cache builds in a temporary folder, then renames it).
+        'raw_dir_relative': os.path.relpath(str(raw.root), os.path.abspath(os.fspath(data_dir))),
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'tfds': {'builder_dir': str(builder_dir.relative_to(tmp_dir)),
                  'split': ct_dataset.ALL_SPLIT},

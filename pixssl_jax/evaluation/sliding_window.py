@@ -69,7 +69,7 @@ def importance_map(patch_size: Sequence[int], gaussian: bool = True,
   return weight.astype(np.float32)
 
 
-def _check_args(volume: np.ndarray, patch_size: Sequence[int], overlap: float,
+def _check_args(volume: np.ndarray, patch_size: Sequence[int], overlap: Sequence[float],
                 batch_size: int, output_stride: int) -> None:
   n = len(patch_size)
   if n not in (2, 3):
@@ -77,8 +77,8 @@ def _check_args(volume: np.ndarray, patch_size: Sequence[int], overlap: float,
   if volume.ndim != n + 1:
     raise ValueError(f'volume of shape {volume.shape} must be [*S, C] with {n} spatial axes '
                      f'to match patch_size {tuple(patch_size)}')
-  if not 0.0 <= overlap < 1.0:
-    raise ValueError(f'overlap must be in [0, 1), got {overlap}')
+  if len(overlap) != n or not all(0.0 <= o < 1.0 for o in overlap):
+    raise ValueError(f'overlap must be in [0, 1), one value or one per axis, got {overlap}')
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   if output_stride < 1 or any(p % output_stride for p in patch_size):
@@ -87,7 +87,7 @@ def _check_args(volume: np.ndarray, patch_size: Sequence[int], overlap: float,
 
 
 def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume: np.ndarray, *,
-                             patch_size: Sequence[int], overlap: float = 0.5,
+                             patch_size: Sequence[int], overlap: float | Sequence[float] = 0.5,
                              batch_size: int = 4, gaussian: bool = True,
                              output_stride: int = 1,
                              pad_value: float | None = None) -> np.ndarray:
@@ -96,10 +96,12 @@ def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume:
   Args:
     apply_fn: maps a float32 `[B, *P, C]` array to `[B, *P / output_stride, K]` (logits or
       probabilities); jitted by the caller (module doc). Called with `B = batch_size` only.
-    volume: `[*S, C]` numpy array, `len(S) == len(patch_size)` (2 or 3; for a 2-D model the
-      caller loops over axial slices), already scaled as the model expects.
+    volume: `[*S, C]` numpy array, `len(S) == len(patch_size)` (2 or 3), already scaled as
+      the model expects.
     patch_size: window shape `P`, divisible by `output_stride`.
-    overlap: fraction of a window shared with its neighbour along each axis.
+    overlap: fraction of a window shared with its neighbour, for every axis or per axis
+      (a 2-D model runs over all axial slices as windows `(Px, Py, 1)` with overlap
+      `(o, o, 0)`, so windows of many slices share a batch).
     batch_size: windows per `apply_fn` call.
     gaussian: Gaussian importance weighting (nnU-Net) if True, else uniform averaging.
     output_stride: spatial stride of `apply_fn`'s output relative to its input.
@@ -111,6 +113,8 @@ def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume:
     with `pad_value` and the output is cropped back.
   """
   volume = np.asarray(volume)
+  overlap = ((float(overlap),) * len(patch_size) if np.isscalar(overlap)
+             else tuple(float(o) for o in overlap))
   _check_args(volume, patch_size, overlap, batch_size, output_stride)
   patch = tuple(int(p) for p in patch_size)
   stride = int(output_stride)
@@ -127,7 +131,7 @@ def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume:
   # 2. Window starts on the output grid, so input and output windows stay aligned.
   out_patch = tuple(p // stride for p in patch)
   out_padded = tuple(p // stride for p in padded)
-  starts = [window_starts(s, p, overlap) for s, p in zip(out_padded, out_patch)]
+  starts = [window_starts(s, p, o) for s, p, o in zip(out_padded, out_patch, overlap)]
   corners = [tuple(c) for c in np.stack(np.meshgrid(*starts, indexing='ij'), -1).reshape(
       -1, len(patch))]
   weight = importance_map(out_patch, gaussian)[..., None]

@@ -69,8 +69,9 @@ def abstract_like(state: Any) -> Any:
 
 
 def restore_latest(manager: ocp.CheckpointManager, state_template: Any,
-                   data_iterator: Any | None) -> tuple[Any, int, bool] | None:
-  """Restores the latest checkpoint, if any.
+                   data_iterator: Any | None, step: int | None = None
+                   ) -> tuple[Any, int, bool] | None:
+  """Restores the latest checkpoint (or `step`), if any.
 
   Args:
     manager: from `make_manager`.
@@ -78,11 +79,12 @@ def restore_latest(manager: ocp.CheckpointManager, state_template: Any,
       restored into these shardings whatever topology wrote it.
     data_iterator: the freshly built grain iterator; its position is restored in place when the
       checkpoint was written by the same number of processes. None restores the model only.
+    step: restore this step instead of the latest.
 
   Returns:
     None when there is no checkpoint; else (state, step, data_restored).
   """
-  step = manager.latest_step()
+  step = manager.latest_step() if step is None else step
   if step is None:
     return None
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

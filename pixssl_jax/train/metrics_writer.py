@@ -89,10 +89,19 @@ class MetricsWriter:
 
   def _progress_line(self, step: int, values: Mapping[str, float], prefix: str) -> str:
     get = lambda k: values.get(f'{prefix}/{k}', float('nan'))
-    parts = [f'step {step}/{self._num_steps}',
-             f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
-             f"pixel {get('loss_pixel'):.4f})",
-             f"uncertainty {get('uncertainty_mean'):.2e}", f"lr {get('lr'):.2e}"]
+    has = lambda *keys: all(f'{prefix}/{k}' in values for k in keys)
+    parts = [f'step {step}/{self._num_steps}' if prefix == 'train'
+             else f'{prefix} at step {step}']
+    if has('loss_global', 'loss_pixel'):  # Pre-training.
+      parts += [f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
+                f"pixel {get('loss_pixel'):.4f})", f"uncertainty {get('uncertainty_mean'):.2e}"]
+    elif has('dice_loss', 'ce_loss'):  # Fine-tuning.
+      parts.append(f"loss {get('loss'):.4f} (dice {get('dice_loss'):.4f}, "
+                   f"ce {get('ce_loss'):.4f})")
+    if has('dice', 'hd95'):  # Validation.
+      parts.append(f"Dice {100 * get('dice'):.1f}% HD95 {get('hd95'):.1f} mm")
+    if has('lr'):
+      parts.append(f"lr {get('lr'):.2e}")
     rate = values.get(f'{prefix}/steps_per_sec')
     if rate:
       eta = (self._num_steps - step) / rate

@@ -58,10 +58,12 @@ def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
     return data_cfg.data_dir
   return default_dataset.ensure_phantom_store(
       cache_root=data_cfg.cache_dir, num_cases=data_cfg.num_phantoms,
-      seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale)
+      seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale,
+      # Configs written before the field existed used the default grid.
+      spacing=tuple(data_cfg.get('phantom_spacing', default_dataset.DEFAULT_SPACING)))
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Saves the run's full config as `config.json` (temp name, then rename)."""
   path = epath.Path(workdir) / 'config.json'
   tmp = path.parent / f'.{path.name}.tmp'
@@ -103,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   process_count=jax.process_count())
   is_chief = jax.process_index() == 0
   if is_chief:
-    _write_config(config, workdir)
+    write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
 
   store = case_store.CaseStore(resolve_data_dir(config.data))

@@ -1,0 +1,214 @@
+"""Scoring a segmentation network on whole volumes: validation and `--config.mode=evaluate`.
+
+Validation (during fine-tuning) scores the 'val' cases on the store grid, the cheap way.
+Evaluation scores `config.eval.split` ('test') the way a paper reports it: each prediction is
+resampled to the case's original grid and written as NIfTI with the original affine, then
+compared with the raw label file, with the original voxel spacing for HD95 (docs/evaluation.md).
+
+Every process scores its share of the cases (round-robin) on its first local device; process 0
+merges the rows and writes `metrics.csv`/`metrics.json`.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import nibabel as nib
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from pixssl_jax.data import case_store
+from pixssl_jax.data import pipeline
+from pixssl_jax.evaluation import export
+from pixssl_jax.evaluation import inference
+from pixssl_jax.evaluation import metrics as metrics_lib
+from pixssl_jax.train import checkpointing
+from pixssl_jax.train import config_checks
+from pixssl_jax.train import finetune_setup
+from pixssl_jax.train import finetune_step
+from pixssl_jax.train import pretrain
+
+
+def local_copy(params: Any) -> Any:
+  """A replicated (possibly multi-process) params tree as arrays on this process's first device.
+
+  Inference then runs per process without collectives, on whatever cases the process holds.
+  """
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x,
+                      params)
+
+
+class VolumeScorer:
+  """Predicts whole volumes with one compiled function and scores them.
+
+  Args:
+    model: the `SegmentationModel`.
+    config: the fine-tuning config (uses `data.ndim`, `data.patch_size`, `eval.*`).
+    uncertainty: also compute the MC-dropout uncertainty channel.
+  """
+
+  def __init__(self, model, config: ml_collections.ConfigDict, uncertainty: bool = False):
+    self._config = config
+    self._num_classes = model.num_classes
+    prob_fn = (finetune_step.jit_mc_probabilities(model, config.eval.mc_samples, config.seed)
+               if uncertainty else finetune_step.jit_probabilities(model))
+    self._predictor = inference.volume_predictor(prob_fn, config.data.ndim)
+
+  def predict(self, params, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels `[X, Y, Z]` uint8 and the uncertainty map (or None) for one scaled image."""
+    ev = self._config.eval
+    out = inference.predict_volume(self._predictor, params, image, ndim=self._config.data.ndim,
+                                   patch_size=self._config.data.patch_size, overlap=ev.overlap,
+                                   batch_size=ev.batch_size, gaussian=ev.gaussian)
+    labels = np.argmax(out[..., :self._num_classes], axis=-1).astype(np.uint8)
+    uncertainty = out[..., self._num_classes] if out.shape[-1] > self._num_classes else None
+    return labels, uncertainty
+
+
+def validation_scores(scorer: VolumeScorer, params, store: case_store.CaseStore,
+                      split: str, max_cases: int = 0) -> tuple[list[dict], list[dict]]:
+  """Per-case rows and summary of `split` on the store grid (every process scores all)."""
+  params = local_copy(params)
+  rows = []
+  for i, example in enumerate(pipeline.volume_iterator(store, split)):
+    if max_cases and i >= max_cases:
+      break
+    labels, _ = scorer.predict(params, example['image'])
+    rows += metrics_lib.case_rows(example['case_id'], metrics_lib.case_metrics(
+        labels, example['label'], store.spacing, store.label_names))
+  return rows, metrics_lib.summarize(rows)
+
+
+def mean_scores(summary: list[dict]) -> dict[str, float]:
+  """The 'mean' row of a summary as {'dice', 'hd95'} (mean over cases of the organ means)."""
+  row = next(r for r in summary if r['organ'] == 'mean')
+  return {'dice': float(row['dice_mean']), 'hd95': float(row['hd95_mean'])}
+
+
+def _raw_label(store: case_store.CaseStore, case_id: str) -> np.ndarray | None:
+  """The case's label as stored in the raw dataset, or None where the raw file is not found."""
+  raw_dir, label_file = store.raw_dir, store.meta(case_id)['label_file']
+  if raw_dir is None or not label_file:
+    return None
+  path = os.path.join(raw_dir, label_file)
+  if not os.path.exists(path):
+    return None
+  return np.rint(np.asarray(nib.load(path).dataobj, np.float64)).astype(np.int32)
+
+
+def choose_checkpoint(manager: ocp.CheckpointManager, which) -> int:
+  """The step of `config.eval.checkpoint`: 'best' (highest val Dice), 'last', or a step."""
+  steps = sorted(manager.all_steps())
+  where = manager.directory
+  if not steps:
+    raise config_checks.ConfigError(f'no checkpoint in {where}: fine-tune first '
+                                    '(same command with --config.mode=finetune)')
+  if which == 'last':
+    return steps[-1]
+  if which == 'best':
+    scored = [(m['val_dice'], s) for s in steps
+              if (m := manager.metrics(s)) and m.get('val_dice') is not None]
+    return max(scored)[1] if scored else steps[-1]
+  try:
+    step = int(which)
+  except (TypeError, ValueError):
+    raise config_checks.ConfigError(
+        f"config.eval.checkpoint={which!r}: use 'best', 'last' or a step number") from None
+  if step not in steps:
+    raise config_checks.ConfigError(f'config.eval.checkpoint={step}: no such checkpoint in '
+                                    f'{where} (have {steps})')
+  return step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> list[dict]:
+  """`--config.mode=evaluate`: predictions, NIfTI export and metrics of `config.eval.split`.
+
+  Returns:
+    The summary rows (one per organ, then 'mean'); process 0 also wrote
+    `WORKDIR/metrics.csv`, `WORKDIR/metrics.json` and `WORKDIR/predictions/`.
+  """
+  finetune_setup.validate(config, workdir)
+  config = finetune_setup.resolve(config, workdir)
+  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
+  model = finetune_setup.build_model(config, store)
+  tx = finetune_step.make_optimizer(config)
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
+                                       best_metric='val_dice', async_save=False)
+  step = choose_checkpoint(manager, config.eval.checkpoint)
+  state, _, _ = checkpointing.restore_latest(
+      manager, finetune_setup.abstract_state(model, tx, config), None, step=step)
+  params = local_copy(state.params)
+  print_fn(f'Evaluating checkpoint {step} ({config.eval.checkpoint}) on split '
+           f'{config.eval.split!r} of {store.data_dir}')
+
+  scorer = VolumeScorer(model, config, uncertainty=config.eval.uncertainty)
+  out_dir = os.path.join(workdir, 'predictions')
+  rows, grids = [], set()
+  cases = pipeline.volume_iterator(store, config.eval.split, shard_index=jax.process_index(),
+                                   shard_count=jax.process_count())
+  for example in cases:
+    start = time.perf_counter()
+    case_id, meta = example['case_id'], example['meta']
+    labels, uncertainty = scorer.predict(params, example['image'])
+    paths = {}
+    if config.eval.export:
+      paths = export.export_case(store, case_id, labels, out_dir, uncertainty)
+    raw_label = _raw_label(store, case_id) if paths and 'label' in example else None
+    if raw_label is not None:
+      # Score what was written: the prediction on the original grid, with its spacing.
+      pred = np.asarray(nib.load(paths['label']).dataobj)
+      scores = metrics_lib.case_metrics(pred, raw_label, meta['original_spacing'],
+                                        store.label_names)
+      grids.add('original')
+    elif 'label' in example:  # Raw files gone, or no export: the store grid and spacing.
+      scores = metrics_lib.case_metrics(labels, example['label'], store.spacing,
+                                        store.label_names)
+      grids.add('store')
+    else:
+      print_fn(f'  {case_id}: no label, prediction only')
+      continue
+    case_rows = metrics_lib.case_rows(case_id, scores)
+    rows += case_rows
+    dices = [r['dice'] for r in case_rows if r['status'] != metrics_lib.STATUS_EXCLUDED]
+    print_fn(f'  {case_id}: mean Dice {100 * np.mean(dices):.1f}% '
+             f'({time.perf_counter() - start:.1f} s)')
+  rows, grids = _gather_rows(rows, grids, workdir)
+  summary = metrics_lib.summarize(rows) if rows else []
+  if jax.process_index() == 0:
+    if not rows:
+      print_fn(f'No labelled case in split {config.eval.split!r}: predictions written, no '
+               'metrics.')
+      return []
+    info = {'checkpoint_step': step, 'checkpoint': str(config.eval.checkpoint),
+            'split': config.eval.split, 'grid': sorted(grids), 'data_dir': store.data_dir,
+            'hd95': 'MONAI definition, mm (docs/evaluation.md)'}
+    metrics_lib.write_metrics(workdir, rows, summary, extra=info)
+    print_fn(metrics_lib.format_table(summary))
+    print_fn(f'Wrote {os.path.join(workdir, "metrics.csv")} and metrics.json'
+             + (f'; predictions in {out_dir}' if config.eval.export else ''))
+  return summary
+
+
+def _gather_rows(rows: list[dict], grids: set, workdir: str) -> tuple[list[dict], set]:
+  """All processes' rows on process 0, through small files in the (shared) workdir."""
+  if jax.process_count() == 1:
+    return rows, grids
+  part = epath.Path(workdir) / f'.eval_rows.{jax.process_index()}.json'
+  part.write_text(json.dumps({'rows': rows, 'grids': sorted(grids)}))
+  multihost_utils.sync_global_devices('pixssl_eval_rows')
+  if jax.process_index() != 0:
+    return rows, grids
+  all_rows, all_grids = [], set()
+  for p in range(jax.process_count()):
+    path = epath.Path(workdir) / f'.eval_rows.{p}.json'
+    payload = json.loads(path.read_text())
+    all_rows += payload['rows']
+    all_grids |= set(payload['grids'])
+    path.unlink()
+  return all_rows, all_grids
+

@@ -1,0 +1,151 @@
+"""What fine-tuning and evaluation share: config checks, the label split, the model, the states."""
+
+import json
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from pixssl_jax.data import case_store
+from pixssl_jax.models import segmentation
+from pixssl_jax.train import config_checks
+from pixssl_jax.train import finetune_step
+from pixssl_jax.train import mesh as mesh_lib
+from pixssl_jax.train import pretrained
+
+MODES = ('finetune', 'evaluate')
+INITS = ('pretrained', 'scratch')
+# label_fraction -> the seeded split `prepare` wrote (docs/data.md); others are drawn from
+# train_100 with the run's seed.
+FRACTION_SPLITS = {0.1: 'train_10', 1.0: 'train_100'}
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy with the derived fields filled in: `model.head_level` (see configs/finetune.py).
+
+  Evaluation takes it from the fine-tuning run's `config.json`, so it scores the network that
+  was trained whatever the pre-training workdir holds now.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy; the caller's is kept.
+  if config.model.head_level is None:
+    level = 0
+    written = epath.Path(workdir) / 'config.json'
+    if config.mode == 'evaluate' and written.exists():
+      level = json.loads(written.read_text())['model']['head_level']
+    elif config.linear_probe and config.init == 'pretrained' and config.pretrained_workdir:
+      level = pretrained.read_pretrain_config(config.pretrained_workdir).model.pixel_level
+    config.model.head_level = int(level)
+  return config
+
+
+def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                    process_count: int) -> list[str]:
+  """One message per inconsistency in a fine-tuning config (empty if none)."""
+  problems = []
+  data, model = config.data, config.model
+  if config.mode not in MODES:
+    problems.append(f'config.mode={config.mode!r}: choose one of {MODES}.')
+  if config.init not in INITS:
+    problems.append(f'config.init={config.init!r}: choose one of {INITS}.')
+  if config.mode == 'finetune' and config.init == 'pretrained' and not config.pretrained_workdir:
+    problems.append("config.pretrained_workdir is not set: pass the pre-training workdir, or "
+                    "--config.init=scratch to train from random weights.")
+  if config.load not in pretrained.PARTS:
+    problems.append(f'config.load={config.load!r}: choose one of {sorted(pretrained.PARTS)}.')
+  if not 0.0 < config.label_fraction <= 1.0:
+    problems.append(f'config.label_fraction={config.label_fraction}: must be in (0, 1].')
+  if data.ndim not in (2, 3) or len(data.patch_size) != data.ndim:
+    problems.append(f'config.data.patch_size={tuple(data.patch_size)} must have '
+                    f'config.data.ndim={data.ndim} axes (2 or 3).')
+  factor = 2 ** (len(model.features) - 1)
+  if any(p % factor for p in data.patch_size):
+    problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be '
+                    f'divisible by {factor}, the U-Net down-sampling factor.')
+  if config.batch_size % device_count or config.batch_size % process_count:
+    problems.append(f'config.batch_size={config.batch_size} must be divisible by the '
+                    f'{device_count} devices and {process_count} processes.')
+  for field in ('num_steps', 'log_every', 'eval_every', 'keep_checkpoints'):
+    if config[field] < 1:
+      problems.append(f'config.{field}={config[field]}: must be >= 1.')
+  if config.eval.uncertainty and model.head_dropout <= 0:
+    problems.append('config.eval.uncertainty needs config.model.head_dropout > 0 '
+                    '(MC dropout samples the head).')
+  if config.eval.uncertainty and config.eval.mc_samples < 2:
+    problems.append(f'config.eval.mc_samples={config.eval.mc_samples}: must be >= 2.')
+  return problems
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError listing every problem with `config` and `workdir`."""
+  problems = config_problems(config, device_count=jax.device_count(),
+                             process_count=jax.process_count())
+  if problems:
+    raise config_checks.ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+  config_checks.check_workdir_writable(workdir)
+
+
+def label_split(store: case_store.CaseStore, fraction: float, seed: int) -> tuple[str, list[str]]:
+  """(description, case ids) of the labelled training cases for `fraction` of the labels."""
+  for value, name in FRACTION_SPLITS.items():
+    if math.isclose(fraction, value):
+      return f'split {name!r}', store.split(name)
+  pool = store.split('train_100')
+  count = max(1, int(round(fraction * len(pool))))
+  order = np.random.default_rng([seed, 7]).permutation(len(pool))
+  return (f'{count} of the {len(pool)} train_100 cases (seed {seed})',
+          sorted(pool[i] for i in order[:count]))
+
+
+def num_classes(store: case_store.CaseStore) -> int:
+  names = store.label_names
+  if sorted(names) != list(range(len(names))):
+    raise config_checks.ConfigError(
+        f'{store.data_dir}: label values {sorted(names)} are not 0..K-1; re-run prepare with '
+        'consecutive labels')
+  return len(names)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                store: case_store.CaseStore) -> segmentation.SegmentationModel:
+  try:
+    return segmentation.build_segmentation_model(config.model, config.data.ndim,
+                                                 num_classes(store))
+  except ValueError as e:
+    if isinstance(e, config_checks.ConfigError):
+      raise
+    raise config_checks.ConfigError(f'config.{e}') from None
+
+
+def _sample_shape(config) -> tuple[int, ...]:
+  return (1, *config.data.patch_size, 1)
+
+
+def abstract_state(model, tx, config) -> finetune_step.SegState:
+  """Shapes and replicated shardings of the fine-tuning state (a restore target)."""
+  replicated = mesh_lib.replicated(mesh_lib.make_data_mesh())
+  abstract = jax.eval_shape(lambda: finetune_step.create_state(
+      segmentation.init_segmentation_params(model, jax.random.key(0, impl='rbg'),
+                                            _sample_shape(config)), tx))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      abstract)
+
+
+def initial_state(model, tx, config, mesh, print_fn=print) -> finetune_step.SegState:
+  """Step-0 state: random init, then the pre-trained backbone merged in (strictly)."""
+  params = jax.jit(segmentation.init_segmentation_params, static_argnums=(0, 2))(
+      model, jax.random.key(config.seed, impl='rbg'), _sample_shape(config))
+  if config.init == 'pretrained':
+    source, step = pretrained.restore_student_params(config.pretrained_workdir,
+                                                     config.pretrained_step)
+    params, loaded = pretrained.merge_backbone(jax.device_get(params), source, part=config.load,
+                                               skip=tuple(config.skip_params))
+    print_fn(f'Loaded {len(loaded)} pre-trained {config.load} tensors from '
+             f'{config.pretrained_workdir} (step {step})'
+             + (f'; left at random init: {list(config.skip_params)}' if config.skip_params
+                else ''))
+  else:
+    print_fn('Training from scratch (random initialisation).')
+  return jax.jit(lambda p: finetune_step.create_state(p, tx),
+                 out_shardings=mesh_lib.replicated(mesh))(params)
