@@ -217,6 +217,20 @@ def test_finetune_crops_hit_foreground_at_the_requested_rate(ndim):
     assert abs(rate - prob) < 0.1, (prob, rate)
 
 
+def test_foreground_crops_are_class_balanced():
+  """A 1-voxel organ is the crop centre about as often as a huge one (nnU-Net sampling)."""
+  store = InMemoryStore(num_cases=1, shape=(40, 40, 4))
+  case = store.ids[0]
+  label = np.zeros((40, 40, 4), np.uint8)
+  label[:30, :30] = 1  # 3600 voxels.
+  label[36, 36, 2] = 2  # One voxel.
+  store.labels[case] = label
+  crop = pipeline.LabelledCrop(store, (4, 4), foreground_prob=1.0, flip=False)
+  rng = np.random.default_rng(0)
+  centres = [crop.random_map(case, rng)['label'][2, 2] for _ in range(400)]
+  assert 0.4 < np.mean(np.asarray(centres) == 2) < 0.6
+
+
 def test_finetune_batches_and_small_volume_padding():
   store = InMemoryStore(num_cases=4, shape=(10, 6, 5))
   cfg = _cfg(3, patch=8)

@@ -147,11 +147,14 @@ class MakeViewPair(grain.transforms.RandomMap):
 
 
 class LabelledCrop(grain.transforms.RandomMap):
-  """Case id -> one labelled random crop with foreground oversampling.
+  """Case id -> one labelled random crop with class-balanced foreground oversampling.
 
-  With probability `foreground_prob` the crop is centred on a random foreground
-  voxel (label > 0), else placed uniformly; volumes smaller than the patch are
-  padded with air (image) and background (label). 2-D crops are axial slices.
+  With probability `foreground_prob` the crop is centred on a voxel of a foreground class
+  drawn uniformly among the classes present in the case, then a random voxel of that class
+  (nnU-Net's sampling: small organs such as the kidneys or the aorta are seen as often as the
+  liver; drawing voxels uniformly over all foreground would centre most crops on the largest
+  organs). Otherwise the crop is placed uniformly. Volumes smaller than the patch are padded
+  with air (image) and background (label). 2-D crops are axial slices.
   """
 
   def __init__(self, store: Any, shape: tuple[int, ...], foreground_prob: float, flip: bool):
@@ -162,13 +165,20 @@ class LabelledCrop(grain.transforms.RandomMap):
     self._foreground_prob = foreground_prob
     self._flip = flip
     self._window = tuple(float(v) for v in store.hu_window)
-    self._foreground: dict[str, np.ndarray] = {}
+    self._foreground: dict[str, list[np.ndarray]] = {}
 
-  def _foreground_coords(self, case_id: str, label: np.ndarray) -> np.ndarray:
+  def _foreground_coords(self, case_id: str, label: np.ndarray) -> list[np.ndarray]:
+    """Per foreground class present in the case, (a subsample of) its voxel coordinates."""
     if case_id not in self._foreground:
-      coords = np.argwhere(np.asarray(label) > 0).astype(np.int32)
-      stride = -(-len(coords) // _MAX_FOREGROUND_COORDS)
-      self._foreground[case_id] = coords[::max(stride, 1)]
+      label = np.asarray(label)
+      per_class = []
+      for value in np.unique(label):
+        if value == 0:
+          continue
+        coords = np.argwhere(label == value).astype(np.int32)
+        stride = -(-len(coords) // _MAX_FOREGROUND_COORDS)
+        per_class.append(coords[::max(stride, 1)])
+      self._foreground[case_id] = per_class
     return self._foreground[case_id]
 
   def random_map(self, case_id: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -179,8 +189,9 @@ class LabelledCrop(grain.transforms.RandomMap):
     p = np.asarray(self._shape)
     vol = np.asarray(image.shape)
     foreground = self._foreground_coords(case_id, label)
-    if foreground.size and rng.random() < self._foreground_prob:
-      centre = foreground[rng.integers(len(foreground))]
+    if foreground and rng.random() < self._foreground_prob:
+      coords = foreground[rng.integers(len(foreground))]
+      centre = coords[rng.integers(len(coords))]
       start3 = np.concatenate([centre[:n] - p // 2, centre[n:]])
     else:
       # Uniform start; negative when the volume is smaller (padding both sides).

@@ -8,6 +8,9 @@ Design choices:
   (nnU-Net practice) rather than max-pooling: it is learnable, keeps every level a single
   "conv block", and its gradient has no arg-max scatter, which is cheap on TPU/GPU.
 - Up-sampling by a 2x2(x2) stride-2 transposed convolution followed by skip concatenation.
+- Convolutions come from `conv_ops`, which creates `nn.Conv`/`nn.ConvTranspose`'s parameters
+  but computes the transposed and the 3-D strided convolutions as matrix products (XLA:CPU's
+  convolution backward is slow there; docs/performance.md).
 - `dtype` is the compute dtype (bfloat16 on TPU); parameters are always float32 and norms
   are computed in float32, because group statistics in bfloat16 lose too many bits.
 """
@@ -17,6 +20,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from pixssl_jax.models import conv_ops
 
 # nnU-Net's activation: a small negative slope keeps units alive early in training.
 _NEGATIVE_SLOPE = 0.01
@@ -62,8 +67,8 @@ class ConvBlock(nn.Module):
     """Applies the block: `[B, *S, Cin] -> [B, *S / strides, features]`."""
     kernel = (3,) * self.ndim
     for i, stride in enumerate((self.strides, 1)):
-      x = nn.Conv(self.features, kernel, strides=(stride,) * self.ndim, padding='SAME',
-                  dtype=self.dtype, param_dtype=jnp.float32, name=f'conv{i}')(x)
+      # Same parameters as nn.Conv; computed as dots where XLA:CPU's convolution is slow.
+      x = conv_ops.Conv(self.features, kernel, stride, dtype=self.dtype, name=f'conv{i}')(x)
       x = group_norm_f32(x, self.num_groups, name=f'norm{i}')
       x = nn.leaky_relu(x, _NEGATIVE_SLOPE)
     return x
@@ -138,8 +143,9 @@ class UNet(nn.Module):
     decoder[-1] = bottleneck
     for level in range(self.num_levels - 2, -1, -1):
       width = self.features[level]
-      up = nn.ConvTranspose(width, (2,) * self.ndim, strides=(2,) * self.ndim, padding='SAME',
-                            dtype=self.dtype, param_dtype=jnp.float32, name=f'up{level}')(x)
+      # nn.ConvTranspose((2,)*n, strides 2, 'SAME') as one dot: its backward on XLA:CPU was
+      # 5-10x slower than the dot's (docs/performance.md). Same parameters.
+      up = conv_ops.ConvTranspose2x(width, dtype=self.dtype, name=f'up{level}')(x)
       x = jnp.concatenate([up, skips[level]], axis=-1)
       x = ConvBlock(width, self.ndim, self.num_groups, strides=1, dtype=self.dtype,
                     name=f'dec{level}')(x)

@@ -53,13 +53,25 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
          *, force: bool = False, metrics: dict[str, float] | None = None) -> bool:
   """Saves state, iterator position and metadata as step `step` (all processes call this).
 
-  `metrics` (host floats) are what a manager with `best_metric` ranks checkpoints by.
+  `metrics` (host floats) are what a manager with `best_metric` ranks checkpoints by; they
+  are kept in the `meta` item too (`saved_metrics`).
   """
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave({'step': int(step), 'process_count': jax.process_count()}))
+      meta=ocp.args.JsonSave({'step': int(step), 'process_count': jax.process_count(),
+                              'metrics': metrics}))
   return manager.save(step, args=args, force=force, metrics=metrics)
+
+
+def saved_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, float] | None:
+  """The `metrics` given to `save` for `step` (None if none were).
+
+  Read from the checkpoint's own `meta` item: the manager only reports metrics when built
+  with a `best_fn`, which the preservation policy does not need.
+  """
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  return meta.get('metrics')
 
 
 def abstract_like(state: Any) -> Any:

@@ -112,7 +112,7 @@ def choose_checkpoint(manager: ocp.CheckpointManager, which) -> int:
     return steps[-1]
   if which == 'best':
     scored = [(m['val_dice'], s) for s in steps
-              if (m := manager.metrics(s)) and m.get('val_dice') is not None]
+              if (m := checkpointing.saved_metrics(manager, s)) and m.get('val_dice') is not None]
     return max(scored)[1] if scored else steps[-1]
   try:
     step = int(which)

@@ -102,9 +102,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointing.save(manager, step, state, data_iter, force=True,
                        metrics={BEST_METRIC: scores['dice']})
 
+  stop_requested = pretrain.StopRequest(manager)
   pending = None
   try:
     for step in range(start_step, config.num_steps):
+      if step > start_step and stop_requested(step):
+        _finish(pending, writer, config)
+        checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
+        manager.wait_until_finished()
+        print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
+        return state
       if step > start_step and step % config.eval_every == 0:
         pending = _finish(pending, writer, config)
         validate_and_save(step)
@@ -117,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       validate_and_save(config.num_steps)
   finally:
     manager.wait_until_finished()
+    stop_requested.close()
     writer.close()
   return state
 

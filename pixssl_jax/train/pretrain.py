@@ -22,7 +22,7 @@ from pixssl_jax.train import state as state_lib
 from pixssl_jax.train import step as step_lib
 
 
-class _StopRequest:
+class StopRequest:
   """Knows whether the run must checkpoint and stop now (SIGTERM: a preemption notice).
 
   With `jax.distributed` initialised, JAX's preemption service owns SIGTERM and Orbax's
@@ -137,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
                                         voxels_per_step=voxels_per_step, enabled=is_chief,
                                         print_fn=print_fn)
-  stop_requested = _StopRequest(manager)
+  stop_requested = StopRequest(manager)
   pending = None  # (step, metrics) of the step in flight.
 
   def finish_pending():

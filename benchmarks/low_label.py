@@ -1,0 +1,194 @@
+r"""The low-label benchmark: does pre-training beat scratch when only 10% of the labels exist?
+
+  PYTHONPATH=. python benchmarks/low_label.py [--quick] [--out runs/low_label] \
+      [--seeds 0,1,2] [--methods full,global_only,pixel_only,no_stabilizer,no_uncertainty,scratch]
+
+For every seed: pre-train with the full method and with each ablation, fine-tune each on the
+10% label split, fine-tune the same network from scratch, and evaluate every fine-tuned network
+on the held-out test cases (sliding window, original grid, Dice and HD95 as in
+docs/evaluation.md). Prints and saves (`OUT/results.json`, `OUT/results.md`) the mean, std
+and range over seeds of the test Dice and HD95 per method.
+
+Everything runs on a dedicated phantom store: 40 cases (train_10 = 2 labelled cases, 8 val,
+8 test) on a 3 x 3 x 4 mm grid (about 125 x 125 x 60 voxels), 2-D 64 x 64 patches, so the
+whole benchmark fits an hour on 2 CPU cores. Finished runs are skipped when the command is
+repeated with the same --out (delete the folder to start over). --quick is a smoke run: one
+seed, two methods, a few steps.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+
+from pixssl_jax.train import evaluate
+from pixssl_jax.train import finetune
+from pixssl_jax.train import pretrain
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Pre-training overrides per method (configs/pretrain.py fields); None: no pre-training.
+METHODS = {
+    'full': {},
+    'global_only': {'method.use_pixel': False},
+    'pixel_only': {'method.use_global': False},
+    'no_stabilizer': {'method.use_stabilizer': False},
+    'no_uncertainty': {'method.weighting': 'none'},
+    'scratch': None,
+}
+
+# Shared by pre-training and fine-tuning: one store, one patch size.
+DATA = {
+    'data.num_phantoms': 40,
+    'data.phantom_spacing': (3.0, 3.0, 4.0),
+    'data.patch_size': (64, 64),
+}
+PRETRAIN = {
+    **DATA,
+    'num_steps': 300,
+    'batch_size': 16,
+    'log_every': 50,
+    'checkpoint_every': 300,
+    'image_every': 0,
+    'keep_checkpoints': 1,
+}
+FINETUNE = {
+    **DATA,
+    'label_fraction': 0.1,
+    'num_steps': 500,
+    'batch_size': 8,
+    'log_every': 100,
+    # Whole-volume inference dominates on CPU: validate once, at the end, on 2 val cases (the
+    # model selection it drives is then simply the last checkpoint); test on all 8.
+    'eval_every': 500,
+    'eval.val_max_cases': 2,
+    'keep_checkpoints': 1,
+    'eval.batch_size': 64,
+}
+QUICK = {'num_steps': 6, 'checkpoint_every': 6, 'eval_every': 3, 'log_every': 3}
+
+
+def load_config(name: str, preset: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def override(config, values: dict):
+  """Applies {'a.b': value} overrides (only to existing fields) and returns the config."""
+  for key, value in values.items():
+    *path, leaf = key.split('.')
+    node = config
+    for part in path:
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f'{key} is not a config field')
+    node[leaf] = value
+  return config
+
+
+def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, log) -> dict:
+  """Pre-trains (unless scratch), fine-tunes and evaluates one (method, seed); returns scores."""
+  run_dir = out / f'{method}_seed{seed}'
+  result_path = run_dir / 'result.json'
+  if result_path.exists():
+    return json.loads(result_path.read_text())
+  quiet = lambda line: None
+  start = time.perf_counter()
+  ft = override(load_config('finetune', 'demo'), {**FINETUNE, 'seed': seed})
+  if METHODS[method] is None:
+    ft.init = 'scratch'
+  else:
+    pre = override(load_config('pretrain', 'demo'), {**PRETRAIN, **METHODS[method], 'seed': seed})
+    if quick:
+      override(pre, {k: v for k, v in QUICK.items() if k in pre})
+    pretrain.train_and_evaluate(pre, str(run_dir / 'pretrain'), print_fn=quiet)
+    ft.pretrained_workdir = str(run_dir / 'pretrain')
+  pretrain_seconds = time.perf_counter() - start
+  if quick:
+    override(ft, {k: v for k, v in QUICK.items() if k in ft})
+  finetune.train_and_evaluate(ft, str(run_dir / 'finetune'), print_fn=quiet)
+  ft.mode = 'evaluate'
+  summary = evaluate.evaluate(ft, str(run_dir / 'finetune'), print_fn=quiet)
+  scores = evaluate.mean_scores(summary)
+  result = {'method': method, 'seed': seed, **scores,
+            'organs': {r['organ']: r['dice_mean'] for r in summary if r['organ'] != 'mean'},
+            'pretrain_seconds': pretrain_seconds,
+            'total_seconds': time.perf_counter() - start}
+  result_path.write_text(json.dumps(result, indent=1))
+  log(f'{method:>15} seed {seed}: test Dice {100 * scores["dice"]:.2f}%, HD95 '
+      f'{scores["hd95"]:.1f} mm ({result["total_seconds"]:.0f} s)')
+  return result
+
+
+def summarize(results: list[dict], methods: list[str]) -> list[dict]:
+  rows = []
+  for method in methods:
+    runs = [r for r in results if r['method'] == method]
+    dice = [100 * r['dice'] for r in runs]
+    hd = [r['hd95'] for r in runs]
+    rows.append({
+        'method': method, 'seeds': len(runs),
+        'dice_mean': statistics.mean(dice), 'dice_std': statistics.pstdev(dice),
+        'dice_min': min(dice), 'dice_max': max(dice),
+        'hd95_mean': statistics.mean(hd), 'hd95_std': statistics.pstdev(hd)})
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  lines = ['| method | seeds | test Dice % (mean ± std) | Dice range | HD95 mm (mean ± std) |',
+           '| --- | --- | --- | --- | --- |']
+  for r in rows:
+    lines.append(f"| {r['method']} | {r['seeds']} | {r['dice_mean']:.2f} ± {r['dice_std']:.2f} "
+                 f"| {r['dice_min']:.2f} - {r['dice_max']:.2f} "
+                 f"| {r['hd95_mean']:.1f} ± {r['hd95_std']:.1f} |")
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--out', default='runs/low_label')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--quick', action='store_true', help='smoke run: seed 0, full + scratch, '
+                      'a few steps')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  methods = args.methods.split(',')
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    parser.error(f'unknown methods {unknown}; choose from {list(METHODS)}')
+  if args.quick:
+    seeds, methods = seeds[:1], ['full', 'scratch']
+    args.out = args.out.rstrip('/') + '_quick'
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  # Every run compiles the same few functions: keep the executables across runs.
+  jax.config.update('jax_compilation_cache_dir', str(out / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+  start = time.perf_counter()
+  log = lambda line: print(f'[{time.perf_counter() - start:6.0f} s] {line}', flush=True)
+  results = [run_method(m, s, out, args.quick, log) for s in seeds for m in methods]
+  rows = summarize(results, methods)
+  table = markdown(rows)
+  header = (f'{datetime.date.today()}, {platform.node()}, {jax.device_count()} '
+            f'{jax.devices()[0].platform} device(s), jax {jax.__version__}; '
+            f'seeds {seeds}; total {time.perf_counter() - start:.0f} s this invocation')
+  print(header)
+  print(table)
+  (out / 'results.json').write_text(json.dumps({'header': header, 'rows': rows,
+                                                 'runs': results}, indent=1))
+  (out / 'results.md').write_text(header + '\n\n' + table + '\n')
+
+
+if __name__ == '__main__':
+  main()

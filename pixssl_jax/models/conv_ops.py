@@ -1,0 +1,147 @@
+"""The U-Net's convolutions in the forms XLA:CPU runs fast (same parameters as `nn.Conv`).
+
+Why: XLA:CPU lowers `conv_general_dilated` to Eigen's spatial convolution. Its 2-D
+convolution runs near the machine's matmul speed for our widths, but its 3-D convolution ran
+at about a fifth of that, the input gradient of a strided 3-D convolution (an input-dilated
+convolution) was 70x slower than its forward pass (a `[4, 64^3, 16] -> 32` stride-2 3^3
+convolution: 0.2 s forward, 14 s forward+backward), and the backward pass of the 2x2(x2)
+transposed convolution was 5-10x slower than a matrix product doing the same work
+(docs/performance.md). So 3-D convolutions run as 2-D ones over depth slices, and the
+transposed convolution as one `dot` and a reshape.
+
+The modules here create exactly the parameters `nn.Conv` / `nn.ConvTranspose` create (names
+`kernel` `[*k, Cin, Cout]` and `bias` `[Cout]`, the same initialisers), so checkpoints and the
+parameter tree do not change; the results equal the `lax` convolutions up to float rounding
+(the products are summed in another order).
+"""
+
+import itertools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+
+def conv_folding_first_axis(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
+  """A 'SAME' n-D convolution as one (n-1)-D convolution: first-axis taps folded into channels.
+
+  The `k` taps along the first spatial axis are concatenated on the channel axis and that axis
+  is folded into the batch: `[B, D, *S, C] -> [B * D_out, *S, k * C]`, convolved in n-1
+  dimensions with the kernel `[*k_rest, k_first * Cin, Cout]`. For 3-D this turns XLA:CPU's
+  3-D convolution into its 2-D one, which ran 2.5-3x faster forward+backward on our shapes
+  (and 20x for stride 2, whose 3-D input gradient is very slow; docs/performance.md).
+
+  Args:
+    x: `[B, D, *S, Cin]`.
+    kernel: `[kd, *k_rest, Cin, Cout]`.
+    stride: the same stride on every spatial axis.
+
+  Returns:
+    `[B, *ceil((D, *S) / stride), Cout]`.
+  """
+  n = x.ndim - 2
+  kd, cin, cout = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
+  (lo, hi), = lax.padtype_to_pads(x.shape[1:2], (kd,), (stride,), 'SAME')
+  x = jnp.pad(x, ((0, 0), (lo, hi), *((0, 0),) * n))
+  depth = (x.shape[1] - kd) // stride + 1
+  taps = [lax.slice_in_dim(x, d, d + stride * (depth - 1) + 1, stride, axis=1)
+          for d in range(kd)]
+  slab = jnp.concatenate(taps, axis=-1).reshape(-1, *x.shape[2:-1], kd * cin)
+  weights = jnp.moveaxis(kernel, 0, n - 1).reshape(*kernel.shape[1:n], kd * cin, cout)
+  y = lax.conv_general_dilated(slab, weights, (stride,) * (n - 1), 'SAME',
+                               dimension_numbers=_dimension_numbers(n - 1))
+  return y.reshape(x.shape[0], depth, *y.shape[1:])
+
+
+def conv_transpose_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """`nn.ConvTranspose(kernel_size=2, strides=2, padding='SAME')` as one dot + depth-to-space.
+
+  With kernel = stride = 2 the output windows do not overlap: output voxel `2 i + a` is
+  `x[i] @ kernel[1 - a]` per axis (Flax does not flip the kernel, `transpose_kernel=False`,
+  and 'SAME' pads the dilated input by one on each side), so one `[Cin, 2**n * Cout]` product
+  computes every output voxel and a reshape interleaves them.
+
+  Args:
+    x: `[B, *S, Cin]`.
+    kernel: `[2, ..., 2, Cin, Cout]` (Flax layout).
+
+  Returns:
+    `[B, *(2 S), Cout]`.
+  """
+  n = x.ndim - 2
+  cin, cout = kernel.shape[-2:]
+  flipped = kernel[(slice(None, None, -1),) * n]  # flipped[a] = kernel[1 - a].
+  weights = jnp.moveaxis(flipped, n, 0).reshape(cin, (2 ** n) * cout)
+  y = jnp.dot(x, weights).reshape(*x.shape[:-1], *(2,) * n, cout)
+  # [B, S0..Sn-1, a0..an-1, C] -> [B, S0, a0, S1, a1, ..., C] -> [B, 2 S0, ..., C].
+  order = [0]
+  for axis in range(n):
+    order += [1 + axis, 1 + n + axis]
+  y = jnp.transpose(y, (*order, 2 * n + 1))
+  return y.reshape(x.shape[0], *(2 * s for s in x.shape[1:-1]), cout)
+
+
+def fold_first_axis(ndim: int) -> bool:
+  """Whether `Conv` computes by `conv_folding_first_axis` (else `lax.conv_general_dilated`).
+
+  Measured on XLA:CPU (docs/performance.md): folding wins for every 3-D convolution of the
+  U-Net (2.5-3x forward+backward at stride 1, 20x at stride 2) and gives no consistent gain
+  in 2-D, where the 1-D convolutions it would make are no faster than Eigen's 2-D ones.
+  """
+  return ndim == 3
+
+
+def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
+  spatial = 'DHW'[3 - n:]
+  return lax.conv_dimension_numbers((1,) * (n + 2), (1,) * (n + 2),
+                                    (f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
+
+
+class Conv(nn.Module):
+  """`nn.Conv(features, kernel_size, strides, padding='SAME')`, 3-D ones folded to 2-D.
+
+  Attributes:
+    features: output channels.
+    kernel_size: spatial kernel shape (odd sizes).
+    strides: one stride for every spatial axis.
+    dtype: compute dtype (parameters float32).
+  """
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    n = x.ndim - 2
+    if fold_first_axis(n):
+      y = conv_folding_first_axis(x, kernel, self.strides)
+    else:
+      y = lax.conv_general_dilated(x, kernel, (self.strides,) * n, 'SAME',
+                                   dimension_numbers=_dimension_numbers(n))
+    return y + bias.astype(self.dtype)
+
+
+class ConvTranspose2x(nn.Module):
+  """`nn.ConvTranspose(features, (2,)*n, strides=(2,)*n, padding='SAME')` by `conv_transpose_2x`.
+
+  Attributes:
+    features: output channels.
+    dtype: compute dtype (parameters float32).
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    n = x.ndim - 2
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*(2,) * n, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    y = conv_transpose_2x(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
