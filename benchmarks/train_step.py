@@ -1,20 +1,31 @@
-r"""Pre-training step time, the cost of the uncertainty, and the method's FLOP overhead.
+r"""Pre-training step time against PyTorch and the machine's matmul peak (issues 3 and 7).
 
-  PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64] [--steps 6]
+  PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64,btcv_3d] [--steps 6]
+      [--batch btcv_3d=1] [--no-torch]
 
-For each preset, on this machine's default JAX devices (one CPU device uses every core):
-  * median step time of the jitted train step and samples/s (random inputs, so the input
-    pipeline is not measured here: see benchmarks/input_pipeline.py);
-  * the uncertainty cost: step time with K = config.method.mc_samples (8) over K = 1,
-    measured in the same run;
-  * the method overhead: XLA cost-analysis FLOPs of the full step over those of a plain
-    student forward+backward plus a teacher forward of the same two views.
-Prints a markdown table for docs/BENCHMARKS.md.
+For each preset, on this machine's default JAX devices (one CPU device uses every core), with
+random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
+  * compile time of the jitted train step (lower + compile);
+  * median step time, samples/s and voxels/s (both views' input voxels);
+  * achieved GFLOP/s: XLA cost-analysis FLOPs of the compiled step over the median step time,
+    next to the dense float32 matmul peak measured in the same run (the best of XLA, NumPy
+    and PyTorch on a large square matmul);
+  * the uncertainty cost: step time with K = config.method.mc_samples (8) over K = 1, and
+    the share of the step it takes, (t_K - t_1) / t_K;
+  * the method overhead: cost-analysis FLOPs of the full step over those of a plain student
+    forward+backward plus a teacher forward of the same two views;
+  * the PyTorch reference step (benchmarks/torch_reference.py, same network, loss, optimizer
+    and weights) and the JAX/PyTorch step-time ratio. JAX K, JAX K=1 and PyTorch steps are
+    timed interleaved, one of each per round, so load from other work hits all three alike;
+  * an assertion that the jitted step compiled once: its jit cache holds one entry after the
+    warm-up and after every timed step.
+Prints a markdown table for docs/BENCHMARKS.md. `--no-torch` skips PyTorch (not installed).
 """
 
 import argparse
 import datetime
 import importlib.util
+import os
 import pathlib
 import platform
 import statistics
@@ -32,8 +43,12 @@ from pixssl_jax.train import step as step_lib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def preset_config(name: str):
-  """configs/pretrain.py presets, plus '3d64': 3-D 64^3 patches, batch 2, demo-width U-Net."""
+def preset_config(name: str, batch_size: int | None = None):
+  """configs/pretrain.py presets, plus '3d64' and 'tiny3d'.
+
+  '3d64': 3-D 64^3 patches, batch 2, the demo's U-Net widths. 'tiny3d': 3-D 16^3 patches,
+  batch 2, the tiny preset's model (for quick 3-D checks). `batch_size` overrides the batch.
+  """
   spec = importlib.util.spec_from_file_location('pretrain_config', REPO / 'configs/pretrain.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -42,8 +57,16 @@ def preset_config(name: str):
     config.data.patch_size = (64, 64, 64)
     config.batch_size = 2
     config.model.features = (16, 32, 64, 128)
-    return config
-  return module.get_config(name)
+  elif name == 'tiny3d':
+    config = module.get_config('tiny')
+    config.data.ndim = 3
+    config.data.patch_size = (16, 16, 16)
+    config.batch_size = 2
+  else:
+    config = module.get_config(name)
+  if batch_size:
+    config.batch_size = batch_size
+  return config
 
 
 def random_batch(config, rng):
@@ -62,23 +85,106 @@ def flops_of(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-def time_step(config, mesh, steps: int):
-  """Returns (median seconds per step, compiled step, state, batch)."""
-  model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state = step_lib.init_train_state(model, tx, config, mesh)
-  batch = mesh_lib.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
-  train_step = step_lib.jit_train_step(model, tx, config, mesh)
-  compiled = train_step.lower(state, batch).compile()
-  state, metrics = compiled(state, batch)  # Warm-up.
-  jax.block_until_ready(metrics)
+def best_seconds(fn, reps: int) -> float:
+  fn()  # Warm-up (and compile, for jitted functions).
   times = []
-  for _ in range(steps):
+  for _ in range(reps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), compiled, model, state, batch
+  return min(times)
+
+
+def matmul_peak(n: int = 4096, reps: int = 3) -> dict[str, float]:
+  """Dense float32 [n, n] @ [n, n] GFLOP/s of XLA, NumPy and (if installed) PyTorch."""
+  flops = 2.0 * n ** 3
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  out = {}
+  x = jnp.asarray(a)
+  dot = jax.jit(jnp.dot)
+  out['XLA'] = flops / best_seconds(lambda: dot(x, x).block_until_ready(), reps) / 1e9
+  out['NumPy'] = flops / best_seconds(lambda: a @ a, reps) / 1e9
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return out
+  t = torch.from_numpy(a)
+  out['PyTorch'] = flops / best_seconds(lambda: torch.mm(t, t), reps) / 1e9
+  return out
+
+
+class JaxStep:
+  """The jitted train step of one config, compiled ahead of the timed steps."""
+
+  def __init__(self, config, mesh):
+    self.config = config
+    self.model = pixssl.build_model(config.model, config.data.ndim)
+    self.tx = state_lib.make_optimizer(config.optim, config.num_steps)
+    self.state = step_lib.init_train_state(self.model, self.tx, config, mesh)
+    self.batch = mesh_lib.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
+    self.jitted = step_lib.jit_train_step(self.model, self.tx, config, mesh)
+    start = time.perf_counter()
+    self.compiled = self.jitted.lower(self.state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.flops = flops_of(self.compiled)
+
+  def __call__(self):
+    """One step through the jitted function (as the training loop calls it)."""
+    self.state, metrics = self.jitted(self.state, self.batch)
+    jax.block_until_ready(metrics)
+
+  def assert_compiled_once(self):
+    # One cache entry: the ahead-of-time compile and every later call share one executable.
+    size = self.jitted._cache_size()  # pylint: disable=protected-access
+    if size != 1:
+      raise AssertionError(f'the jitted train step compiled {size} times')
+
+
+def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
+  """Everything one table row needs; JAX K, JAX K=1 and PyTorch steps timed interleaved."""
+  k = int(config.method.mc_samples)
+  full = JaxStep(config, mesh)
+  config_k1 = config.copy_and_resolve_references()
+  config_k1.method.mc_samples = 1
+  single = JaxStep(config_k1, mesh)
+  runners = {'jax': full, 'jax_k1': single}
+  if with_torch:
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+    torch_step = torch_reference.TorchPretrainStep(
+        full.model, config, jax.device_get(full.state.params),
+        jax.device_get(full.state.ema_params), lr_steps=steps + 1)
+    torch_batch = torch_reference.TorchPretrainStep.to_torch_batch(
+        random_batch(config, np.random.default_rng(0)))
+    runners['torch'] = lambda: torch_step.step(torch_batch)
+  first = {}
+  for name, run in runners.items():  # Warm-up: the first step of each.
+    start = time.perf_counter()
+    run()
+    first[name] = time.perf_counter() - start
+  full.assert_compiled_once()
+  times = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+    full.assert_compiled_once()
+    single.assert_compiled_once()
+  median = {name: statistics.median(t) for name, t in times.items()}
+  patch = tuple(config.data.patch_size)
+  row = dict(
+      patch='x'.join(map(str, patch)), batch=config.batch_size, k=k,
+      compile_s=full.compile_seconds, first_step_s=first['jax'], step_s=median['jax'],
+      samples_per_s=config.batch_size / median['jax'],
+      mvoxels_per_s=2 * config.batch_size * np.prod(patch) / median['jax'] / 1e6,
+      gflops=full.flops / median['jax'] / 1e9, step_gflop=full.flops / 1e9,
+      k_ratio=median['jax'] / median['jax_k1'],
+      uncertainty_share=(median['jax'] - median['jax_k1']) / median['jax'],
+      flops_ratio=full.flops / plain_flops(full.model, full.state, full.batch))
+  if with_torch:
+    row.update(torch_s=median['torch'], ratio=median['jax'] / median['torch'],
+               torch_gflops=full.flops / median['torch'] / 1e9)
+  return row
 
 
 def plain_flops(model, state, batch) -> float:
@@ -100,31 +206,47 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--presets', default='demo,3d64')
   parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--batch', action='append', default=[],
+                      help='PRESET=B: run PRESET with global batch B (e.g. btcv_3d=1 on CPU)')
+  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  parser.add_argument('--peak-size', type=int, default=4096, help='matmul side for the peak')
   args = parser.parse_args()
+  batches = {k: int(v) for k, v in (item.split('=') for item in args.batch)}
+  with_torch = not args.no_torch
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
+  load_start = os.getloadavg()
+  peak = matmul_peak(args.peak_size)
+  best = max(peak.values())
+  print('matmul peak GFLOP/s: ' + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()), flush=True)
   rows = []
   for name in args.presets.split(','):
-    config = preset_config(name)
-    k = config.method.mc_samples
-    seconds, compiled, model, state, batch = time_step(config, mesh, args.steps)
-    full_flops = flops_of(compiled)
-    base_flops = plain_flops(model, state, batch)
-    config_k1 = preset_config(name)
-    config_k1.method.mc_samples = 1
-    seconds_k1, *_ = time_step(config_k1, mesh, args.steps)
-    rows.append((name, tuple(config.data.patch_size), config.batch_size, seconds,
-                 config.batch_size / seconds, k, seconds / seconds_k1, full_flops / base_flops,
-                 full_flops / seconds / 1e9))
-    print(f'{name}: {seconds:.3f} s/step', flush=True)
-  print(f'\n{datetime.date.today()}, {platform.node()}, {jax.devices()[0].device_kind}, '
-        f'jax {jax.__version__}, {args.steps} timed steps after one warm-up step\n')
-  print('| preset | patch | batch | step s (median) | samples/s | K | time K/K=1 '
-        '| FLOPs full/plain | GFLOP/s |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
-  for row in rows:
-    name, patch, batch, sec, sps, k, ratio_t, ratio_f, gflops = row
-    print(f'| {name} | {"x".join(map(str, patch))} | {batch} | {sec:.3f} | {sps:.2f} | {k} '
-          f'| {ratio_t:.3f} | {ratio_f:.3f} | {gflops:.1f} |')
+    row = time_preset(preset_config(name, batches.get(name)), mesh, args.steps, with_torch)
+    rows.append((name, row))
+    print(f'{name}: {row}', flush=True)
+  versions = f'jax {jax.__version__}'
+  if with_torch:
+    versions += f', torch {torch.__version__} ({torch.get_num_threads()} threads)'
+  print(f'\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, '
+        f'{jax.devices()[0].device_kind}, {versions}; {args.steps} timed rounds after one '
+        f'warm-up step; load average {load_start[0]:.2f} at the start, '
+        f'{os.getloadavg()[0]:.2f} at the end\n')
+  print(f'Matmul peak ({args.peak_size}^2 float32): '
+        + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()) + f' GFLOP/s; best {best:.1f}\n')
+  print('| preset | patch | batch | compile s | JAX step s | PyTorch step s | JAX/PyTorch '
+        '| samples/s | Mvoxel/s | GFLOP/step | JAX GFLOP/s | % of peak | PyTorch % of peak '
+        '| K | time K/K=1 | uncertainty share | FLOPs full/plain |')
+  print('|' + ' --- |' * 17)
+  for name, r in rows:
+    torch_cols = (f'{r["torch_s"]:.3f} | {r["ratio"]:.2f} ' if with_torch else '- | - ')
+    torch_peak = f'{100 * r["torch_gflops"] / best:.0f}%' if with_torch else '-'
+    print(f'| {name} | {r["patch"]} | {r["batch"]} | {r["compile_s"]:.1f} | {r["step_s"]:.3f} '
+          f'| {torch_cols}| {r["samples_per_s"]:.2f} | {r["mvoxels_per_s"]:.2f} '
+          f'| {r["step_gflop"]:.1f} | {r["gflops"]:.1f} | {100 * r["gflops"] / best:.0f}% '
+          f'| {torch_peak} | {r["k"]} | {r["k_ratio"]:.3f} | {100 * r["uncertainty_share"]:.1f}% '
+          f'| {r["flops_ratio"]:.3f} |')
+  print('\nThe jitted step compiled once per preset and config (asserted after every step).')
 
 
 if __name__ == '__main__':
