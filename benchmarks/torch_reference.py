@@ -465,7 +465,7 @@ def check(preset: str, seed: int = 0) -> dict[str, float]:
   hidden_shape = (2 * config.batch_size, *grid, model.stabilizer_hidden)
   scales = jax.vmap(lambda k: heads.dropout_scale(hidden_shape, model.stabilizer_dropout, k))(
       jax.random.split(key, int(config.method.mc_samples)))
-  scales = torch.from_numpy(np.asarray(scales))
+  scales = torch.from_numpy(np.array(scales))
 
   tbatch = TorchPretrainStep.to_torch_batch(batch_np)
   jax_grads = jax.device_get(jax_grads)

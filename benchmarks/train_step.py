@@ -15,7 +15,7 @@ random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
   * the method overhead: cost-analysis FLOPs of the full step over those of a plain student
     forward+backward plus a teacher forward of the same two views;
   * the PyTorch reference step (benchmarks/torch_reference.py, same network, loss, optimizer
-    and weights) and the JAX/PyTorch step-time ratio. JAX K, JAX K=1 and PyTorch steps are
+    and weights; at its faster thread count, 1 or all cores) and the JAX/PyTorch ratio. JAX K, JAX K=1 and PyTorch steps are
     timed interleaved, one of each per round, so load from other work hits all three alike;
   * an assertion that the jitted step compiled once: its jit cache holds one entry after the
     warm-up and after every timed step.
@@ -140,6 +140,28 @@ class JaxStep:
       raise AssertionError(f'the jitted train step compiled {size} times')
 
 
+def pick_torch_threads(run) -> int:
+  """Sets and returns PyTorch's faster intra-op thread count: 1 or every core.
+
+  On this shared 2-core machine, with another process busy, PyTorch's OpenMP threads wait at
+  every barrier for a descheduled peer: a tiny 3-D step took 1.8 s on 2 threads and 0.03 s on
+  1. Each count runs one step after a warm-up step and the faster is kept, so the reference
+  is timed at its best.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  counts = sorted({1, os.cpu_count() or 1})
+  seconds = {}
+  for count in counts:
+    torch.set_num_threads(count)
+    run()
+    start = time.perf_counter()
+    run()
+    seconds[count] = time.perf_counter() - start
+  best = min(seconds, key=seconds.get)
+  torch.set_num_threads(best)
+  return best
+
+
 def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
   """Everything one table row needs; JAX K, JAX K=1 and PyTorch steps timed interleaved."""
   k = int(config.method.mc_samples)
@@ -156,6 +178,7 @@ def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
     torch_batch = torch_reference.TorchPretrainStep.to_torch_batch(
         random_batch(config, np.random.default_rng(0)))
     runners['torch'] = lambda: torch_step.step(torch_batch)
+    torch_threads = pick_torch_threads(runners['torch'])
   first = {}
   for name, run in runners.items():  # Warm-up: the first step of each.
     start = time.perf_counter()
@@ -183,6 +206,7 @@ def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
       flops_ratio=full.flops / plain_flops(full.model, full.state, full.batch))
   if with_torch:
     row.update(torch_s=median['torch'], ratio=median['jax'] / median['torch'],
+               torch_threads=torch_threads,
                torch_gflops=full.flops / median['torch'] / 1e9)
   return row
 
@@ -227,7 +251,7 @@ def main():
     print(f'{name}: {row}', flush=True)
   versions = f'jax {jax.__version__}'
   if with_torch:
-    versions += f', torch {torch.__version__} ({torch.get_num_threads()} threads)'
+    versions += f', torch {torch.__version__}'
   print(f'\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, '
         f'{jax.devices()[0].device_kind}, {versions}; {args.steps} timed rounds after one '
         f'warm-up step; load average {load_start[0]:.2f} at the start, '
@@ -235,11 +259,12 @@ def main():
   print(f'Matmul peak ({args.peak_size}^2 float32): '
         + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()) + f' GFLOP/s; best {best:.1f}\n')
   print('| preset | patch | batch | compile s | JAX step s | PyTorch step s | JAX/PyTorch '
-        '| samples/s | Mvoxel/s | GFLOP/step | JAX GFLOP/s | % of peak | PyTorch % of peak '
-        '| K | time K/K=1 | uncertainty share | FLOPs full/plain |')
-  print('|' + ' --- |' * 17)
+        '| PyTorch threads | samples/s | Mvoxel/s | GFLOP/step | JAX GFLOP/s | % of peak '
+        '| PyTorch % of peak | K | time K/K=1 | uncertainty share | FLOPs full/plain |')
+  print('|' + ' --- |' * 18)
   for name, r in rows:
-    torch_cols = (f'{r["torch_s"]:.3f} | {r["ratio"]:.2f} ' if with_torch else '- | - ')
+    torch_cols = (f'{r["torch_s"]:.3f} | {r["ratio"]:.2f} | {r["torch_threads"]} '
+                  if with_torch else '- | - | - ')
     torch_peak = f'{100 * r["torch_gflops"] / best:.0f}%' if with_torch else '-'
     print(f'| {name} | {r["patch"]} | {r["batch"]} | {r["compile_s"]:.1f} | {r["step_s"]:.3f} '
           f'| {torch_cols}| {r["samples_per_s"]:.2f} | {r["mvoxels_per_s"]:.2f} '

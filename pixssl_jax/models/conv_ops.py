@@ -6,8 +6,8 @@ at about a fifth of that, the input gradient of a strided 3-D convolution (an in
 convolution) was 70x slower than its forward pass (a `[4, 64^3, 16] -> 32` stride-2 3^3
 convolution: 0.2 s forward, 14 s forward+backward), and the backward pass of the 2x2(x2)
 transposed convolution was 5-10x slower than a matrix product doing the same work
-(docs/performance.md). So 3-D convolutions run as 2-D ones over depth slices, and the
-transposed convolution as one `dot` and a reshape.
+(docs/performance.md). So on CPU 3-D convolutions run as 2-D ones over depth slices, and on
+every backend the transposed convolution runs as one `dot` and a reshape.
 
 The modules here create exactly the parameters `nn.Conv` / `nn.ConvTranspose` create (names
 `kernel` `[*k, Cin, Cout]` and `bias` `[Cout]`, the same initialisers), so checkpoints and the
@@ -19,6 +19,7 @@ import itertools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -85,11 +86,12 @@ def conv_transpose_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 def fold_first_axis(ndim: int) -> bool:
   """Whether `Conv` computes by `conv_folding_first_axis` (else `lax.conv_general_dilated`).
 
-  Measured on XLA:CPU (docs/performance.md): folding wins for every 3-D convolution of the
-  U-Net (2.5-3x forward+backward at stride 1, 20x at stride 2) and gives no consistent gain
-  in 2-D, where the 1-D convolutions it would make are no faster than Eigen's 2-D ones.
+  Only on CPU, and only in 3-D. Measured on XLA:CPU (docs/performance.md): folding wins for
+  every 3-D convolution of the U-Net (2.5-3x forward+backward at stride 1, 20x at stride 2)
+  and gives no consistent gain in 2-D. GPUs and TPUs have native 3-D convolutions, and the
+  folded form keeps a 3x larger input for the backward pass, so they keep the plain one.
   """
-  return ndim == 3
+  return ndim == 3 and jax.default_backend() == 'cpu'
 
 
 def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
