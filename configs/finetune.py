@@ -12,8 +12,8 @@ A dense linear probe of the frozen pre-trained features: `--config.linear_probe=
 
 Presets (match the pre-training preset of the same name, whose U-Net they load):
   tiny     seconds, tiny phantoms; used by the tests.
-  demo     2-D 128x128 axial slices of the embedded phantom dataset, about 3 minutes on 2 CPU
-           cores plus about 1 minute per evaluation of the 5 test volumes.
+  demo     2-D 128x128 axial slices of the embedded phantom dataset (docs/BENCHMARKS.md has
+           the time on 2 CPU cores).
   btcv_3d  3-D 96^3 patches from a prepared store (--config.data.data_dir=...).
 
 The data fields mean what they mean in configs/pretrain.py; `data` must name the same store
@@ -35,7 +35,9 @@ def _data_config() -> ml_collections.ConfigDict:
   data.ndim = 2
   data.patch_size = (128, 128)
   data.foreground_prob = 0.67  # Crops centred on a labelled voxel [default: nnU-Net's 1/3 bg].
-  data.flip = True
+  # Random flips swap left and right: with lateral labels (kidney_left/right, spleen vs liver)
+  # they teach the network that either side is either organ. Off by default [default].
+  data.flip = False
   data.worker_count = 0
   data.read_threads = 2
   data.prefetch_buffer_size = 4
@@ -120,7 +122,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 2
     config.eval.batch_size = 32
   elif preset == 'demo':
-    pass
+    # Whole 1.5 mm phantom volumes are about 250 x 250 x 120 voxels: about 1000 windows each on
+    # CPU, so validation looks at 2 cases, twice.
+    config.eval_every = 150
+    config.eval.val_max_cases = 2
   elif preset == 'btcv_3d':
     config.data.ndim = 3
     config.data.patch_size = (96, 96, 96)
