@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pixssl_jax.models import conv_ops
+from pixssl_jax.models import group_norm
 
 # nnU-Net's activation: a small negative slope keeps units alive early in training.
 _NEGATIVE_SLOPE = 0.01
@@ -41,8 +42,9 @@ def group_norm_f32(x: jnp.ndarray, num_groups: int, name: str | None = None) -> 
   Returns:
     `[B, *S, C]` normalised activations in `x.dtype`.
   """
-  y = nn.GroupNorm(num_groups=num_groups, dtype=jnp.float32, param_dtype=jnp.float32,
-                   name=name)(x.astype(jnp.float32))
+  # Same parameters and statistics as nn.GroupNorm, in a form XLA:CPU runs several times
+  # faster (group_norm.py).
+  y = group_norm.GroupNorm(num_groups, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
