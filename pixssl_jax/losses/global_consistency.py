@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 
 # Norms below this are treated as this, so a zero vector gives a finite loss and gradient.
-_NORM_EPS = 1e-6
+NORM_EPS = 1e-6
 
 
 def l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
   """L2-normalises `x` along `axis`, safely at zero (no NaN value or gradient)."""
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   # rsqrt(max(., eps^2)) instead of x / norm: the norm's gradient is NaN at 0.
-  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS ** 2))
+  return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS ** 2))
 
 
 def cosine_discrepancy(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from pixssl_jax.losses.global_consistency import l2_normalize
+from pixssl_jax.losses.global_consistency import NORM_EPS
 
 WEIGHTING_FORMS = ('exp', 'kendall', 'threshold', 'none')
 
@@ -37,9 +37,13 @@ def mc_dropout_statistics(samples: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
     `(mean [B, *G, C], variance [B, *G])`, float32; the variance is 0 for `K = 1`.
   """
   samples = samples.astype(jnp.float32)
-  normed = l2_normalize(samples)
-  mean_direction = mean_over_samples(normed)
-  second_moment = mean_over_samples(jnp.sum(jnp.square(normed), axis=-1))
+  # l2_normalize by hand, keeping each sample's squared norm: |n_k|^2 = sq * inv^2 (1 unless
+  # the sample is shorter than the norm floor) needs no second pass over [K, B, *G, C]
+  # (measured 54 -> 21 ms for [8, 16, 32, 32, 64] on XLA:CPU; docs/performance.md).
+  sq = jnp.sum(jnp.square(samples), axis=-1)
+  inv = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS ** 2))
+  mean_direction = mean_over_samples(samples * inv[..., None])
+  second_moment = mean_over_samples(sq * jnp.square(inv))
   variance = jnp.maximum(second_moment - jnp.sum(jnp.square(mean_direction), axis=-1), 0.0)
   return mean_over_samples(samples), variance / samples.shape[-1]
 
