@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pixssl_jax.models import conv_ops
-from pixssl_jax.models import group_norm
 
 # nnU-Net's activation: a small negative slope keeps units alive early in training.
 _NEGATIVE_SLOPE = 0.01
@@ -42,9 +41,10 @@ def group_norm_f32(x: jnp.ndarray, num_groups: int, name: str | None = None) -> 
   Returns:
     `[B, *S, C]` normalised activations in `x.dtype`.
   """
-  # Same parameters and statistics as nn.GroupNorm, in a form XLA:CPU runs several times
-  # faster (group_norm.py).
-  y = group_norm.GroupNorm(num_groups, name=name)(x.astype(jnp.float32))
+  # flax's GroupNorm, not a faster spatial-sums form: that one changed the rounding enough to
+  # break tests/test_multiprocess.py's 2-process == 1-process checks (docs/performance.md).
+  y = nn.GroupNorm(num_groups=num_groups, dtype=jnp.float32, param_dtype=jnp.float32,
+                   name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
