@@ -8,7 +8,9 @@ Pre-train with the full method and with each ablation, fine-tune each on the 10%
 with every seed, fine-tune the same network from scratch with every seed, and evaluate every
 fine-tuned network on the held-out test cases (sliding window, original grid, Dice and HD95 as
 in docs/evaluation.md). Prints and saves (`OUT/results.json`, `OUT/results.md`) the mean, std
-and range over seeds of the test Dice and HD95 per method.
+and range over seeds of the test Dice and HD95 per method. `--linear_probe` replaces the
+fine-tuning by a dense linear probe of the frozen features (`OUT/probe_results.*`), reusing
+the pre-trainings already in OUT.
 
 By default each method is pre-trained once (seed 0) and the seeds vary the fine-tuning (head
 initialisation, or the whole network for scratch, crop order and sampling, dropout): 15
@@ -48,7 +50,12 @@ METHODS = {
     'no_stabilizer': {'method.use_stabilizer': False},
     'no_uncertainty': {'method.weighting': 'none'},
     'scratch': None,
+    # Not in the default list: the full method without mirroring augmentations (flips and
+    # rot90, which includes 180-degree turns), the diagnosis in docs/BENCHMARKS.md.
+    'full_no_mirror': {'data.flip': False, 'data.rot90': False},
 }
+DEFAULT_METHODS = ('full', 'global_only', 'pixel_only', 'no_stabilizer', 'no_uncertainty',
+                   'scratch')
 
 # Shared by pre-training and fine-tuning: one store, one patch size.
 DATA = {
@@ -102,15 +109,25 @@ def override(config, values: dict):
 
 
 def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, pretrain_per_seed: bool,
-               log) -> dict:
-  """Pre-trains (unless scratch, or already done), fine-tunes and evaluates one (method, seed)."""
-  run_dir = out / f'{method}_seed{seed}'
+               probe: bool, finetune_steps: int | None, log) -> dict:
+  """Pre-trains (unless scratch, or already done), fine-tunes and evaluates one (method, seed).
+
+  With `probe`, the fine-tuning is a linear probe: backbone frozen, a 1x1 head on the pixel
+  level (for scratch: on random features, the baseline a probe must beat).
+  """
+  run_dir = out / f'{method}_{"probe_" if probe else ""}seed{seed}'
   result_path = run_dir / 'result.json'
   if result_path.exists():
     return json.loads(result_path.read_text())
   quiet = lambda line: None
   start = time.perf_counter()
   ft = override(load_config('finetune', 'demo'), {**FINETUNE, 'seed': seed})
+  if finetune_steps:
+    ft.num_steps = ft.eval_every = finetune_steps
+  if probe:
+    ft.linear_probe = True
+    ft.model.head_level = load_config('pretrain', 'demo').model.pixel_level
+    ft.optim.learning_rate = 1e-2  # One linear layer: 1e-3 leaves it far from converged.
   if METHODS[method] is None:
     ft.init = 'scratch'
   else:
@@ -168,9 +185,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='runs/low_label')
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--methods', default=','.join(DEFAULT_METHODS),
+                      help=f'comma-separated, from {list(METHODS)}')
   parser.add_argument('--pretrain_per_seed', action='store_true',
                       help='pre-train every method again for every seed')
+  parser.add_argument('--finetune_steps', type=int, default=None,
+                      help=f'fine-tuning steps (default {FINETUNE["num_steps"]})')
+  parser.add_argument('--linear_probe', action='store_true',
+                      help='linear probes of the frozen features instead of fine-tuning')
   parser.add_argument('--quick', action='store_true', help='smoke run: seed 0, full + scratch, '
                       'a few steps')
   args = parser.parse_args()
@@ -190,19 +212,23 @@ def main():
 
   start = time.perf_counter()
   log = lambda line: print(f'[{time.perf_counter() - start:6.0f} s] {line}', flush=True)
-  results = [run_method(m, s, out, args.quick, args.pretrain_per_seed, log)
+  results = [run_method(m, s, out, args.quick, args.pretrain_per_seed, args.linear_probe,
+                        args.finetune_steps, log)
              for s in seeds for m in methods]
   rows = summarize(results, methods)
   table = markdown(rows)
   header = (f'{datetime.date.today()}, {platform.node()}, {jax.device_count()} '
             f'{jax.devices()[0].platform} device(s), jax {jax.__version__}; seeds {seeds}, '
-            f'pre-training {"per seed" if args.pretrain_per_seed else "once per method"}; '
+            f'pre-training {"per seed" if args.pretrain_per_seed else "once per method"}'
+            f'{"; LINEAR PROBE" if args.linear_probe else ""}'
+            f'{f"; {args.finetune_steps} fine-tuning steps" if args.finetune_steps else ""}; '
             f'total {time.perf_counter() - start:.0f} s this invocation')
   print(header)
   print(table)
-  (out / 'results.json').write_text(json.dumps({'header': header, 'rows': rows,
-                                                 'runs': results}, indent=1))
-  (out / 'results.md').write_text(header + '\n\n' + table + '\n')
+  name = 'probe_results' if args.linear_probe else 'results'
+  (out / f'{name}.json').write_text(json.dumps({'header': header, 'rows': rows,
+                                                'runs': results}, indent=1))
+  (out / f'{name}.md').write_text(header + '\n\n' + table + '\n')
 
 
 if __name__ == '__main__':
