@@ -53,6 +53,8 @@ METHODS = {
     # Not in the default list: the full method without mirroring augmentations (flips and
     # rot90, which includes 180-degree turns), the diagnosis in docs/BENCHMARKS.md.
     'full_no_mirror': {'data.flip': False, 'data.rot90': False},
+    # The full method with batch statistics in the pixel projector (the collapse fix).
+    'full_pixel_bn': {'model.pixel_norm': 'batch'},
 }
 DEFAULT_METHODS = ('full', 'global_only', 'pixel_only', 'no_stabilizer', 'no_uncertainty',
                    'scratch')

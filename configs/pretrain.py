@@ -69,6 +69,9 @@ def _model_config() -> ml_collections.ConfigDict:
   # Norm of the global MLP heads: 'batch' (statistics over the global batch, as BYOL; under jit
   # this is sharding-independent) or 'layer' (per sample; collapses the global branch early).
   model.head_norm = 'batch'
+  # Norm inside the pixel projector: 'group' (per sample) or 'batch' (over the batch and all
+  # positions, as PixPro). See docs/BENCHMARKS.md, low-label benchmark, for why it matters.
+  model.pixel_norm = 'group'
   model.pixel_level = 2  # Decoder level of the pixel features: stride 2**pixel_level.
   model.pixel_proj_dim = 64
   model.stabilizer_hidden = 64  # Context stabilizer: 1x1-conv MLP with dropout [default].

@@ -39,6 +39,7 @@ class PixSSLModel(nn.Module):
     stabilizer_hidden: hidden width of the context stabilizer.
     stabilizer_dropout: dropout rate inside the stabilizer (0 disables MC dropout).
     head_norm: norm of the global MLP heads, 'batch' (BYOL) or 'layer'.
+    pixel_norm: norm of the pixel projector, 'group' (per sample) or 'batch'.
   """
   ndim: int
   features: Sequence[int] = (16, 32, 64, 128)
@@ -51,6 +52,7 @@ class PixSSLModel(nn.Module):
   stabilizer_hidden: int = 128
   stabilizer_dropout: float = 0.1
   head_norm: str = 'batch'
+  pixel_norm: str = 'group'
 
   @property
   def downsampling_factor(self) -> int:
@@ -69,7 +71,7 @@ class PixSSLModel(nn.Module):
                              output_bias=self.head_norm != 'batch')
     self.predictor = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
     self.pixel_projector = PixelProjector(self.proj_hidden, self.pixel_proj_dim, self.num_groups,
-                                          self.dtype)
+                                          self.dtype, self.pixel_norm)
     self.stabilizer = ContextStabilizer(self.stabilizer_hidden, self.pixel_proj_dim,
                                         self.stabilizer_dropout, self.dtype)
 
@@ -140,6 +142,8 @@ def _validate(model: PixSSLModel) -> None:
     raise ValueError(f'model.stabilizer_dropout={model.stabilizer_dropout} must be in [0, 1)')
   if model.head_norm not in ('batch', 'layer'):
     raise ValueError(f"model.head_norm={model.head_norm!r} must be 'batch' or 'layer'")
+  if model.pixel_norm not in ('batch', 'group'):
+    raise ValueError(f"model.pixel_norm={model.pixel_norm!r} must be 'batch' or 'group'")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
@@ -166,7 +170,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       pixel_proj_dim=int(model_cfg.pixel_proj_dim),
       stabilizer_hidden=int(model_cfg.stabilizer_hidden),
       stabilizer_dropout=float(model_cfg.stabilizer_dropout),
-      head_norm=str(model_cfg.head_norm))
+      head_norm=str(model_cfg.head_norm),
+      # Configs written before the field existed used GroupNorm.
+      pixel_norm=str(model_cfg.get('pixel_norm', 'group')))
   _validate(model)
   return model
 
