@@ -12,8 +12,9 @@ A dense linear probe of the frozen pre-trained features: `--config.linear_probe=
 
 Presets (match the pre-training preset of the same name, whose U-Net they load):
   tiny     seconds, tiny phantoms; used by the tests.
-  demo     2-D 128x128 axial slices of the embedded phantom dataset (docs/BENCHMARKS.md has
-           the time on 2 CPU cores).
+  demo     2-D 128x128 axial slices of the embedded phantom dataset; on CPU the whole-volume
+           inference of the 1.5 mm volumes (about 1000 windows each) takes longer than the
+           300 training steps.
   btcv_3d  3-D 96^3 patches from a prepared store (--config.data.data_dir=...).
 
 The data fields mean what they mean in configs/pretrain.py; `data` must name the same store
