@@ -162,3 +162,21 @@ def test_init_params_rejects_bad_sample_shape():
   model = build_model(_cfg(TINY), ndim=2)
   with pytest.raises(ValueError, match='sample_shape'):
     init_params(model, INIT_KEY, (1, 16, 16))
+
+
+def test_batch_pixel_norm_keeps_the_param_tree_and_centres_each_channel():
+  """pixel_norm='batch' normalises over batch and positions: a channel constant over every
+  pixel (the collapsed solution) becomes exactly the learned bias, whatever its value."""
+  from pixssl_jax.models.heads import PixelProjector  # pylint: disable=g-import-not-at-top
+  x = jnp.tile(jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 16)), (2, 4, 4, 1))
+  group, batch = (PixelProjector(32, 8, 4, norm=n) for n in ('group', 'batch'))
+  params = group.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, batch.init(jax.random.PRNGKey(1), x))
+  hidden = jnp.asarray(x) @ params['params']['conv0']['kernel'] + params['params']['conv0']['bias']
+  assert float(jnp.std(hidden)) > 0.1  # Not trivially zero before the norm.
+  out = batch.apply(params, x)
+  expected = (jax.nn.relu(params['params']['norm']['bias'])
+              @ params['params']['conv1']['kernel'] + params['params']['conv1']['bias'])
+  # Rounding residue of (y - mean) is divided by sqrt(var + 1e-5), var ~ 0: about 1e-4.
+  np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-3)
