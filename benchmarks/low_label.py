@@ -28,7 +28,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import pathlib
 import platform
 import statistics
