@@ -26,7 +26,6 @@ seed, two methods, a few steps.
 
 import argparse
 import datetime
-import importlib.util
 import json
 import pathlib
 import platform
@@ -35,11 +34,11 @@ import time
 
 import jax
 
+from pixssl_jax import config_files
 from pixssl_jax.train import evaluate
 from pixssl_jax.train import finetune
 from pixssl_jax.train import pretrain
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Pre-training overrides per method (configs/pretrain.py fields); None: no pre-training.
 METHODS = {
@@ -89,13 +88,6 @@ FINETUNE = {
 QUICK = {'num_steps': 6, 'checkpoint_every': 6, 'eval_every': 3, 'log_every': 3}
 
 
-def load_config(name: str, preset: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
 def override(config, values: dict):
   """Applies {'a.b': value} overrides (only to existing fields) and returns the config."""
   for key, value in values.items():
@@ -122,18 +114,18 @@ def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, pretrain_
     return json.loads(result_path.read_text())
   quiet = lambda line: None
   start = time.perf_counter()
-  ft = override(load_config('finetune', 'demo'), {**FINETUNE, 'seed': seed})
+  ft = override(config_files.load('finetune', 'demo'), {**FINETUNE, 'seed': seed})
   if finetune_steps:
     ft.num_steps = ft.eval_every = finetune_steps
   if probe:
     ft.linear_probe = True
-    ft.model.head_level = load_config('pretrain', 'demo').model.pixel_level
+    ft.model.head_level = config_files.load('pretrain', 'demo').model.pixel_level
     ft.optim.learning_rate = 1e-2  # One linear layer: 1e-3 leaves it far from converged.
   if METHODS[method] is None:
     ft.init = 'scratch'
   else:
     pretrain_seed = seed if pretrain_per_seed else 0
-    pre = override(load_config('pretrain', 'demo'),
+    pre = override(config_files.load('pretrain', 'demo'),
                    {**PRETRAIN, **METHODS[method], 'seed': pretrain_seed})
     if quick:
       override(pre, {k: v for k, v in QUICK.items() if k in pre})

@@ -24,9 +24,7 @@ Prints a markdown table for docs/BENCHMARKS.md. `--no-torch` skips PyTorch (not 
 
 import argparse
 import datetime
-import importlib.util
 import os
-import pathlib
 import platform
 import statistics
 import time
@@ -35,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixssl_jax import config_files
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import state as state_lib
 from pixssl_jax.train import step as step_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def preset_config(name: str, batch_size: int | None = None):
@@ -49,21 +47,18 @@ def preset_config(name: str, batch_size: int | None = None):
   '3d64': 3-D 64^3 patches, batch 2, the demo's U-Net widths. 'tiny3d': 3-D 16^3 patches,
   batch 2, the tiny preset's model (for quick 3-D checks). `batch_size` overrides the batch.
   """
-  spec = importlib.util.spec_from_file_location('pretrain_config', REPO / 'configs/pretrain.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   if name == '3d64':
-    config = module.get_config('btcv_3d')
+    config = config_files.load('pretrain', 'btcv_3d')
     config.data.patch_size = (64, 64, 64)
     config.batch_size = 2
     config.model.features = (16, 32, 64, 128)
   elif name == 'tiny3d':
-    config = module.get_config('tiny')
+    config = config_files.load('pretrain', 'tiny')
     config.data.ndim = 3
     config.data.patch_size = (16, 16, 16)
     config.batch_size = 2
   else:
-    config = module.get_config(name)
+    config = config_files.load('pretrain', name)
   if batch_size:
     config.batch_size = batch_size
   return config

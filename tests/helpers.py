@@ -1,18 +1,16 @@
 """Shared test helpers: loading config presets and random pre-training batches."""
 
-import importlib.util
 import pathlib
 
 import numpy as np
+
+from pixssl_jax import config_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(preset: str):
-  spec = importlib.util.spec_from_file_location('pretrain_config', REPO / 'configs/pretrain.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return config_files.load('pretrain', preset)
 
 
 def random_batch(config, seed=0):

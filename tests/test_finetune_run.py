@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pixssl_jax import config_files
 from pixssl_jax.data import case_store
 from pixssl_jax.train import evaluate
 from pixssl_jax.train import finetune
@@ -20,11 +21,7 @@ from tests.helpers import REPO, load_config
 
 
 def finetune_config(**overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('finetune_config', REPO / 'configs/finetune.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('tiny')
+  config = config_files.load('finetune', 'tiny')
   for key, value in overrides.items():
     config[key] = value
   return config
