@@ -243,6 +243,16 @@ def test_finetune_batches_and_small_volume_padding():
   assert set(np.unique(batch['label'])) <= {0, 1}
 
 
+def test_finetune_loader_reads_only_the_given_case_ids():
+  store = InMemoryStore(num_cases=6, shape=(10, 10, 4))
+  loader = pipeline.finetune_loader(store, _cfg(2, patch=8), split='pretrain', batch_size=2,
+                                    seed=0, case_ids=store.ids[2:4])
+  iterator = iter(loader)
+  for _ in range(4):
+    next(iterator)
+  assert set(store.read_log) == set(store.ids[2:4])
+
+
 def test_finetune_image_and_label_stay_aligned():
   store = InMemoryStore(num_cases=1, shape=(20, 20, 6))
   case = store.ids[0]

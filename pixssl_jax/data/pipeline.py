@@ -16,7 +16,7 @@ orbax `Composite`, or `iterator.get_state()` / `set_state()` (bytes).
 """
 import hashlib
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import grain
 import ml_collections
@@ -37,8 +37,9 @@ class CaseIdSource:
   built only from the store's repr, the split and a digest of the ids.
   """
 
-  def __init__(self, store: Any, split: str):
-    self._ids = tuple(store.split(split))
+  def __init__(self, store: Any, split: str, case_ids: Optional[Sequence[str]] = None):
+    # `case_ids` replaces the split's ids (a subset drawn by the caller; `split` names it).
+    self._ids = tuple(store.split(split) if case_ids is None else case_ids)
     if not self._ids:
       raise ValueError(f'split {split!r} of {store!r} has no cases')
     digest = hashlib.sha1('\n'.join(self._ids).encode()).hexdigest()[:12]
@@ -214,13 +215,14 @@ class LabelledCrop(grain.transforms.RandomMap):
 def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
                  data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                  shard_index: int, shard_count: int, worker_count: Optional[int],
-                 num_epochs: Optional[int], first_batch: int = 0) -> grain.DataLoader:
+                 num_epochs: Optional[int], first_batch: int = 0,
+                 case_ids: Optional[Sequence[str]] = None) -> grain.DataLoader:
   """Seeded, sharded, shuffled, batched DataLoader over the case ids of `split`."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, shard_count={shard_count})')
-  source = CaseIdSource(store, split)
+  source = CaseIdSource(store, split, case_ids)
   shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
   sampler = GlobalShuffleSampler(len(source), seed, num_epochs, shard_count, batch_size,
                                  first_batch)
@@ -267,7 +269,8 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
                     batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
                     foreground_prob: float = 0.67, flip: bool = True,
                     worker_count: Optional[int] = None,
-                    num_epochs: Optional[int] = None) -> grain.DataLoader:
+                    num_epochs: Optional[int] = None,
+                    case_ids: Optional[Sequence[str]] = None) -> grain.DataLoader:
   """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
 
   Args:
@@ -281,6 +284,7 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
     flip: random flip per axis (same for image and label).
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.
     num_epochs: None repeats forever.
+    case_ids: read these cases instead of the whole split (a drawn label fraction).
 
   Returns:
     A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
@@ -289,7 +293,8 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
   transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip)
   return _make_loader(store, split, transform, data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
-                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs)
+                      shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,
+                      case_ids=case_ids)
 
 
 def volume_iterator(store: Any, split: str, *, shard_index: int = 0, shard_count: int = 1,

@@ -22,33 +22,14 @@ from pixssl_jax.train import pretrain
 BEST_METRIC = 'val_dice'
 
 
-def _loader(store, config, split_ids):
-  # The loader reads a named split; a drawn subset gets a store view holding it.
-  store = _SplitView(store, {'finetune_train': split_ids})
+def _loader(store, config, train_ids):
+  # Every label fraction is a subset of train_100; the source's repr digests the exact ids.
   return iter(pipeline.finetune_loader(
-      store, config.data, split='finetune_train',
+      store, config.data, split='train_100', case_ids=train_ids,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       foreground_prob=config.data.foreground_prob, flip=config.data.flip,
       worker_count=config.data.worker_count))
-
-
-class _SplitView:
-  """A CaseStore with extra named splits (everything else is the store's)."""
-
-  def __init__(self, store: case_store.CaseStore, extra: dict[str, list[str]]):
-    self._store, self._extra = store, extra
-
-  def split(self, name):
-    return list(self._extra[name]) if name in self._extra else self._store.split(name)
-
-  def __getattr__(self, name):
-    if name.startswith('_'):  # Unpickling (grain workers) looks these up before __init__.
-      raise AttributeError(name)
-    return getattr(self._store, name)
-
-  def __repr__(self):  # grain compares it when restoring an iterator.
-    return f'_SplitView({self._store!r}, {sorted((k, tuple(v)) for k, v in self._extra.items())})'
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
