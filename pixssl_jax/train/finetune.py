@@ -20,6 +20,7 @@ from pixssl_jax.train import metrics_writer
 from pixssl_jax.train import pretrain
 
 BEST_METRIC = 'val_dice'
+_HINT = 'check the labels'
 
 
 def _loader(store, config, train_ids):
@@ -88,19 +89,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start_step, config.num_steps):
       if step > start_step and stop_requested(step):
-        _finish(pending, writer, config)
+        pretrain.finish_step(pending, writer, config, _HINT)
         checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
         manager.wait_until_finished()
         print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
         return state
       if step > start_step and step % config.eval_every == 0:
-        pending = _finish(pending, writer, config)
+        pending = pretrain.finish_step(pending, writer, config, _HINT)
         validate_and_save(step)
       batch = mesh_lib.global_batch(next(data_iter), mesh)
-      pending = _finish(pending, writer, config)  # One step in flight (PITFALLS: CPU deadlock).
+      pending = pretrain.finish_step(pending, writer, config, _HINT)
       state, metrics = train_step(state, batch)
       pending = (step, metrics)
-    _finish(pending, writer, config)
+    pretrain.finish_step(pending, writer, config, _HINT)
     if start_step < config.num_steps:
       validate_and_save(config.num_steps)
   finally:
@@ -109,16 +110,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
   return state
 
-
-def _finish(pending, writer, config):
-  """Waits for the step in flight, checks its loss, logs it; returns None (nothing pending)."""
-  if pending is None:
-    return None
-  step, metrics = pending
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise FloatingPointError(f'Non-finite loss {loss} at step {step}; stopping. Lower '
-                             'config.optim.learning_rate or check the labels.')
-  if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
-    writer.write_scalars(step + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
-  return None

@@ -85,8 +85,24 @@ def _axial_slices(maps) -> dict[str, np.ndarray]:
   return {f'images/{k}': v if v.ndim == 2 else v[..., v.shape[-1] // 2] for k, v in maps.items()}
 
 
-def _host_scalars(metrics) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def finish_step(pending, writer: metrics_writer.MetricsWriter, config: ml_collections.ConfigDict,
+                hint: str = 'check the input data') -> None:
+  """Waits for the step in flight, stops on a non-finite loss, logs it; returns None.
+
+  `pending` is `(step, metrics)` or None. Blocking on the previous step before dispatching the
+  next keeps one step in flight: more than that deadlocks collectives on simulated CPU devices
+  (PITFALLS.md). Used by the pre-training and fine-tuning loops: `pending = finish_step(...)`.
+  """
+  if pending is None:
+    return None
+  step, metrics = pending
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f'Non-finite loss {loss} at step {step}; stopping. Lower '
+                             f'config.optim.learning_rate or {hint}.')
+  if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
+    writer.write_scalars(step + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
+  return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -140,39 +156,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stop_requested = StopRequest(manager)
   pending = None  # (step, metrics) of the step in flight.
 
-  def finish_pending():
-    # Blocking on the previous step before dispatching the next keeps one step in flight:
-    # more than that deadlocks collectives on simulated CPU devices (PITFALLS.md).
-    nonlocal pending
-    if pending is None:
-      return
-    step, metrics = pending
-    pending = None
-    loss = float(metrics['loss'])
-    if not math.isfinite(loss):
-      raise FloatingPointError(f'Non-finite loss {loss} at step {step}; stopping. Lower '
-                               'config.optim.learning_rate or check the input data.')
-    if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
-      writer.write_scalars(step + 1, _host_scalars(metrics))
-
   try:
     for step in range(start_step, config.num_steps):
       stop = step > start_step and stop_requested(step)
       if stop or (step > start_step and step % config.checkpoint_every == 0):
-        finish_pending()
+        pending = finish_step(pending, writer, config)
         checkpointing.save(manager, step, state, data_iter, force=True)
         if stop:
           manager.wait_until_finished()
           print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
           return state
       batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
-      finish_pending()
+      pending = finish_step(pending, writer, config)
       if config.image_every and step % config.image_every == 0:
         # Every process runs it (the batch spans them all); process 0 writes.
         writer.write_images(step, _axial_slices(make_maps(state, batch)))
       state, metrics = train_step(state, batch)
       pending = (step, metrics)
-    finish_pending()
+    finish_step(pending, writer, config)
     if start_step < config.num_steps:  # The loop's last save was before the final steps.
       checkpointing.save(manager, config.num_steps, state, data_iter, force=True)
   finally:
