@@ -18,11 +18,12 @@ class ConfigError(ValueError):
   """The config or the workdir cannot run; the message lists every problem found."""
 
 
-def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count: int,
-                             process_count: int) -> list[str]:
-  """Returns one message per inconsistency in a pre-training config (empty if none)."""
+def data_and_batch_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                            process_count: int, positive_fields: tuple[str, ...]) -> list[str]:
+  """Problems any training config can have: patch shape vs U-Net depth, batch vs devices and
+  processes, counters that must be >= 1. Shared by pre-training and fine-tuning."""
   problems = []
-  data, model, method = config.data, config.model, config.method
+  data, model = config.data, config.model
   if data.ndim not in (2, 3):
     problems.append(f'config.data.ndim={data.ndim}: must be 2 (axial slices) or 3 (patches).')
   if len(data.patch_size) != data.ndim:
@@ -34,17 +35,30 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
     problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be '
                     f'divisible by {factor}, the U-Net down-sampling factor of {levels} levels '
                     f'(config.model.features={tuple(model.features)}).')
-  if data.ndim in (2, 3):
-    try:
-      pixssl.build_model(model, data.ndim)  # The model checks its own fields.
-    except ValueError as e:
-      problems.append(f'config.{e}.')
   if config.batch_size % device_count:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by the '
                     f'{device_count} devices of the data mesh.')
   if config.batch_size % process_count:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by the '
                     f'{process_count} processes.')
+  for field in positive_fields:
+    if config[field] < 1:
+      problems.append(f'config.{field}={config[field]}: must be >= 1.')
+  return problems
+
+
+def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                             process_count: int) -> list[str]:
+  """Returns one message per inconsistency in a pre-training config (empty if none)."""
+  problems = data_and_batch_problems(
+      config, device_count=device_count, process_count=process_count,
+      positive_fields=('num_steps', 'checkpoint_every', 'log_every', 'keep_checkpoints'))
+  data, model, method = config.data, config.model, config.method
+  if data.ndim in (2, 3):
+    try:
+      pixssl.build_model(model, data.ndim)  # The model checks its own fields.
+    except ValueError as e:
+      problems.append(f'config.{e}.')
   if method.weighting not in WEIGHTING_FORMS:
     problems.append(f'config.method.weighting={method.weighting!r}: choose one of '
                     f'{WEIGHTING_FORMS}.')
@@ -54,9 +68,6 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
     problems.append(f'config.method.mc_samples={method.mc_samples}: must be >= 1.')
   if not (method.use_global or method.use_pixel):
     problems.append('config.method: use_global and use_pixel are both False; nothing to learn.')
-  for field in ('num_steps', 'checkpoint_every', 'log_every', 'keep_checkpoints'):
-    if config[field] < 1:
-      problems.append(f'config.{field}={config[field]}: must be >= 1.')
   if config.image_every < 0:
     problems.append(f'config.image_every={config.image_every}: must be >= 0 (0 disables).')
   return problems

@@ -43,8 +43,10 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
 def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
                     process_count: int) -> list[str]:
   """One message per inconsistency in a fine-tuning config (empty if none)."""
-  problems = []
-  data, model = config.data, config.model
+  problems = config_checks.data_and_batch_problems(
+      config, device_count=device_count, process_count=process_count,
+      positive_fields=('num_steps', 'log_every', 'eval_every', 'keep_checkpoints'))
+  model = config.model
   if config.mode not in MODES:
     problems.append(f'config.mode={config.mode!r}: choose one of {MODES}.')
   if config.init not in INITS:
@@ -56,19 +58,6 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
     problems.append(f'config.load={config.load!r}: choose one of {sorted(pretrained.PARTS)}.')
   if not 0.0 < config.label_fraction <= 1.0:
     problems.append(f'config.label_fraction={config.label_fraction}: must be in (0, 1].')
-  if data.ndim not in (2, 3) or len(data.patch_size) != data.ndim:
-    problems.append(f'config.data.patch_size={tuple(data.patch_size)} must have '
-                    f'config.data.ndim={data.ndim} axes (2 or 3).')
-  factor = 2 ** (len(model.features) - 1)
-  if any(p % factor for p in data.patch_size):
-    problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be '
-                    f'divisible by {factor}, the U-Net down-sampling factor.')
-  if config.batch_size % device_count or config.batch_size % process_count:
-    problems.append(f'config.batch_size={config.batch_size} must be divisible by the '
-                    f'{device_count} devices and {process_count} processes.')
-  for field in ('num_steps', 'log_every', 'eval_every', 'keep_checkpoints'):
-    if config[field] < 1:
-      problems.append(f'config.{field}={config[field]}: must be >= 1.')
   if config.eval.uncertainty and model.head_dropout <= 0:
     problems.append('config.eval.uncertainty needs config.model.head_dropout > 0 '
                     '(MC dropout samples the head).')
