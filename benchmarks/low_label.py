@@ -53,6 +53,11 @@ METHODS = {
     'full_no_mirror': {'data.flip': False, 'data.rot90': False},
     # The full method with batch statistics in the pixel projector (the collapse fix).
     'full_pixel_bn': {'model.pixel_norm': 'batch'},
+    # The full method without the VICReg variance/covariance terms (the collapse fix).
+    'full_no_spread': {'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0},
+    # A control: the backbone every pre-trained method starts from (pre-training seed 0), after
+    # one step. Against it, a method's gain is the pre-training's, not that of its random init.
+    'init_only': {'num_steps': 1, 'checkpoint_every': 1},
 }
 DEFAULT_METHODS = ('full', 'global_only', 'pixel_only', 'no_stabilizer', 'no_uncertainty',
                    'scratch')
@@ -102,7 +107,8 @@ def override(config, values: dict):
 
 
 def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, pretrain_per_seed: bool,
-               probe: bool, finetune_steps: int | None, log) -> dict:
+               probe: bool, finetune_steps: int | None, finetune_lr: float | None,
+               log) -> dict:
   """Pre-trains (unless scratch, or already done), fine-tunes and evaluates one (method, seed).
 
   With `probe`, the fine-tuning is a linear probe: backbone frozen, a 1x1 head on the pixel
@@ -121,6 +127,8 @@ def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, pretrain_
     ft.linear_probe = True
     ft.model.head_level = config_files.load('pretrain', 'demo').model.pixel_level
     ft.optim.learning_rate = 1e-2  # One linear layer: 1e-3 leaves it far from converged.
+  if finetune_lr:
+    ft.optim.learning_rate = finetune_lr
   if METHODS[method] is None:
     ft.init = 'scratch'
   else:
@@ -184,6 +192,8 @@ def main():
                       help='pre-train every method again for every seed')
   parser.add_argument('--finetune_steps', type=int, default=None,
                       help=f'fine-tuning steps (default {FINETUNE["num_steps"]})')
+  parser.add_argument('--finetune_lr', type=float, default=None,
+                      help='fine-tuning peak learning rate (default: configs/finetune.py demo)')
   parser.add_argument('--linear_probe', action='store_true',
                       help='linear probes of the frozen features instead of fine-tuning')
   parser.add_argument('--quick', action='store_true', help='smoke run: seed 0, full + scratch, '
@@ -206,7 +216,7 @@ def main():
   start = time.perf_counter()
   log = lambda line: print(f'[{time.perf_counter() - start:6.0f} s] {line}', flush=True)
   results = [run_method(m, s, out, args.quick, args.pretrain_per_seed, args.linear_probe,
-                        args.finetune_steps, log)
+                        args.finetune_steps, args.finetune_lr, log)
              for s in seeds for m in methods]
   rows = summarize(results, methods)
   table = markdown(rows)

@@ -97,6 +97,11 @@ def _method_config() -> ml_collections.ConfigDict:
   method.lambda_pixel = 1.0
   method.match = 'inverse'  # 'inverse' (exact inverse mapping) | 'distance' (PixPro threshold).
   method.match_distance = 0.7  # 'distance': a pair if closer than this many feature-cell diagonals.
+  # Anti-collapse [default, not in the paper's abstract]: VICReg's variance hinge and covariance
+  # term on the student's pixel projections. Without them the pixel branch collapses to one
+  # vector per view (docs/BENCHMARKS.md, low-label benchmark); 0 and 0 switch them off.
+  method.lambda_variance = 1.0
+  method.lambda_covariance = 0.04  # VICReg's 1 : 25 ratio to the variance term.
   return method
 
 

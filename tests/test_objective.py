@@ -18,8 +18,8 @@ TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32,
             pixel_level=2, pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.2,
             head_norm='batch')
 PATCH = 16  # pixel grid 4x4 at stride 4
-METRICS = {'loss', 'loss_global', 'loss_pixel', 'uncertainty_mean', 'uncertainty_p90',
-           'overlap_fraction', 'projection_std'}
+METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance',
+           'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction', 'projection_std'}
 
 
 def _transform(offset, flip0=False):
@@ -73,23 +73,34 @@ def test_full_loss_and_metrics(full):
   loss, metrics = full
   assert set(metrics) == METRICS
   assert all(np.isfinite(float(v)) for v in metrics.values())
-  assert float(loss) == pytest.approx(2.0 * float(metrics['loss_global'])
-                                      + 0.5 * float(metrics['loss_pixel']), rel=1e-6)
+  assert float(loss) == pytest.approx(
+      2.0 * float(metrics['loss_global']) + 0.5 * float(metrics['loss_pixel'])
+      + 1.0 * float(metrics['loss_variance']) + 0.04 * float(metrics['loss_covariance']),
+      rel=1e-6)
   # Overlaps 3/4 * 2/4 and 4/4 * 3/4 cells, the same in both directions.
   assert float(metrics['overlap_fraction']) == pytest.approx((0.375 + 0.75) / 2)
   assert 0 < float(metrics['uncertainty_mean']) <= float(metrics['uncertainty_p90']) < 1 / 16
   # Unit vectors: the mean per-dimension std is at most sqrt(1 / D) (D = 16), 0 on collapse.
   assert 0 < float(metrics['projection_std']) <= 0.25
+  # Freshly initialised 1x1 projections have channel stds below VICReg's target of 1.
+  assert 0 < float(metrics['loss_variance']) < 1 and float(metrics['loss_covariance']) > 0
 
 
 def test_each_ablation_switch_removes_exactly_its_term(full):
   _, m = full
   loss_p, mp = _loss(_cfg(use_global=False))
-  assert float(loss_p) == pytest.approx(0.5 * float(m['loss_pixel']), rel=1e-6)
+  assert float(loss_p) == pytest.approx(
+      0.5 * float(m['loss_pixel']) + float(m['loss_variance']) + 0.04 * float(m['loss_covariance']),
+      rel=1e-6)
   assert float(mp['loss_global']) == 0.0
   loss_g, mg = _loss(_cfg(use_pixel=False))
   assert float(loss_g) == pytest.approx(2.0 * float(m['loss_global']), rel=1e-6)
   assert float(mg['loss_pixel']) == 0.0 and float(mg['overlap_fraction']) == 0.0
+  assert float(mg['loss_variance']) == 0.0 and float(mg['loss_covariance']) == 0.0
+  loss_s, ms = _loss(_cfg(lambda_variance=0.0, lambda_covariance=0.0))
+  assert float(loss_s) == pytest.approx(
+      2.0 * float(m['loss_global']) + 0.5 * float(m['loss_pixel']), rel=1e-6)
+  assert float(ms['loss_variance']) == 0.0 and float(ms['loss_covariance']) == 0.0
   with pytest.raises(ValueError, match='nothing to train'):
     _loss(_cfg(use_global=False, use_pixel=False))
 

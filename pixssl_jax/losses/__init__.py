@@ -1,5 +1,6 @@
 """Loss functions: pure functions of arrays and view transforms (no modules, no configs)."""
 
+from pixssl_jax.losses.feature_spread import variance_covariance
 from pixssl_jax.losses.global_consistency import cosine_discrepancy
 from pixssl_jax.losses.global_consistency import global_consistency
 from pixssl_jax.losses.global_consistency import l2_normalize
@@ -25,5 +26,6 @@ __all__ = [
     'mc_dropout_statistics',
     'mean_over_samples',
     'ramp_threshold',
+    'variance_covariance',
     'weighted_pixel_loss',
 ]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixssl_jax.losses import cosine_discrepancy
+from pixssl_jax.losses import variance_covariance
 from pixssl_jax.losses import global_consistency
 from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
@@ -52,6 +53,8 @@ def default_method_config() -> ml_collections.ConfigDict:
       'lambda_pixel': 1.0,
       'match': 'inverse',         # 'inverse' (exact inverse mapping) | 'distance' (PixPro).
       'match_distance': 0.7,      # 'distance': positive if closer than this many cell diagonals.
+      'lambda_variance': 1.0,     # VICReg variance hinge on the student pixel projections,
+      'lambda_covariance': 0.04,  # and covariance term (anti-collapse; 0, 0 switch them off).
   })
 
 
@@ -213,6 +216,8 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
       l2_normalize(jax.lax.stop_gradient(student['global_proj'])), axis=0))
 
   loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
+  loss_variance, loss_covariance = zero, zero
+  spread_weights = (float(method_cfg.lambda_variance), float(method_cfg.lambda_covariance))
   if use_pixel:
     # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
     pred_pix, uncertainty, matched, valid = pixel_predictions(
@@ -224,6 +229,10 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     loss_pixel = weighted_pixel_loss(
         discrepancy, valid, uncertainty, form=method_cfg.weighting, tau=float(method_cfg.tau),
         eps=float(method_cfg.kendall_eps), threshold=threshold)
+
+    # Anti-collapse terms on the student's pixel projections (all pixels of both views).
+    if spread_weights != (0.0, 0.0):
+      loss_variance, loss_covariance = variance_covariance(student['pixel_proj'])
 
     u_const = jax.lax.stop_gradient(uncertainty)
     n_valid = jnp.sum(valid)
@@ -238,10 +247,13 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     loss = loss + float(method_cfg.lambda_global) * loss_global
   if use_pixel:
     loss = loss + float(method_cfg.lambda_pixel) * loss_pixel
+    loss = loss + spread_weights[0] * loss_variance + spread_weights[1] * loss_covariance
   metrics = {
       'loss': loss,
       'loss_global': loss_global,
       'loss_pixel': loss_pixel,
+      'loss_variance': loss_variance,
+      'loss_covariance': loss_covariance,
       'uncertainty_mean': u_mean,
       'uncertainty_p90': u_p90,
       'overlap_fraction': overlap,
