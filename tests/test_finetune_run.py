@@ -102,7 +102,12 @@ def test_a_perfect_prediction_scores_near_one_on_the_original_grid(finetuned, mo
       np.asarray(store.label(current['case_id']), np.uint8), None))
   config = finetune_config(pretrained_workdir=config.pretrained_workdir, mode='evaluate')
   config.eval.split = 'pretrain'  # Every case: both orientations.
+  config.eval.export = False  # Scored on the original grid all the same, nothing written.
+  listing = lambda: sorted((workdir / 'predictions').glob('*'))
+  written = listing()
   evaluate.evaluate(config, str(workdir), print_fn=lambda _: None)  # Its best checkpoint.
+  assert listing() == written
+  assert json.loads((workdir / 'metrics.json').read_text())['info']['grid'] == ['original']
   rows = json.loads((workdir / 'metrics.json').read_text())['cases']
   assert {r['case_id'] for r in rows} == set(store.split('pretrain'))
   # Labels go raw -> 6 mm store grid -> raw: only voxels at organ borders can change.

@@ -30,7 +30,8 @@ def prediction_path(out_dir: str, case_id: str, kind: str = 'label') -> str:
   return os.path.join(out_dir, f'{case_id}{suffix}.nii.gz')
 
 
-def _geometry(meta: Mapping, what: str, volume: np.ndarray):
+def _geometry(meta: Mapping, what: str, volume: np.ndarray | None = None):
+  """(store affine, original affine, original shape), checked; `volume` on the store grid."""
   try:
     affine = np.asarray(meta['affine'], np.float64)
     original_affine = np.asarray(meta['original_affine'], np.float64)
@@ -41,6 +42,8 @@ def _geometry(meta: Mapping, what: str, volume: np.ndarray):
   if affine.shape != (4, 4) or original_affine.shape != (4, 4) or len(original_shape) != 3:
     raise ValueError(f'{what}: case metadata needs 4x4 affines and a 3-D original_shape, got '
                      f'{affine.shape}, {original_affine.shape}, {original_shape}')
+  if volume is None:
+    return affine, original_affine, original_shape
   if 'shape' in meta and tuple(volume.shape) != tuple(int(s) for s in meta['shape']):
     raise ValueError(f'{what}: array of shape {tuple(volume.shape)} is not on the store grid '
                      f'of this case {tuple(meta["shape"])}')
@@ -70,8 +73,40 @@ def _atomic_save(data: np.ndarray, affine: np.ndarray, path: str) -> str:
   return path
 
 
+def labels_on_original_grid(labels: np.ndarray, meta: Mapping, what: str = 'labels'
+                            ) -> np.ndarray:
+  """A store-grid label map resampled (nearest) onto the case's original grid.
+
+  Args:
+    labels: integer label map `[X, Y, Z]` on the store grid, values in 0..255.
+    meta: `store.meta(case_id)` (uses `affine`, `original_affine`, `original_shape`, `shape`).
+    what: names the labels in errors (the output file, usually).
+
+  Returns:
+    uint8 `[*original_shape]`: what `export_labels` writes.
+  """
+  labels = np.asarray(labels)
+  affine, original_affine, original_shape = _geometry(meta, what, labels)
+  if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+    raise ValueError(f'{what}: labels must be integers, got dtype {labels.dtype}')
+  if labels.size and (labels.min() < 0 or labels.max() > 255):
+    raise ValueError(f'{what}: label values must be in 0..255, got {labels.min()}..'
+                     f'{labels.max()}')
+  return nifti_io.to_original_grid(np.ascontiguousarray(labels.astype(np.uint8)), affine,
+                                   original_affine, original_shape, order=0)
+
+
+def save_original_grid_labels(labels: np.ndarray, meta: Mapping, path: str) -> str:
+  """Saves an original-grid label map (from `labels_on_original_grid`) with the raw affine."""
+  _, original_affine, original_shape = _geometry(meta, path)
+  if tuple(labels.shape) != original_shape:
+    raise ValueError(f'{path}: labels of shape {tuple(labels.shape)} are not on the original '
+                     f'grid {original_shape}')
+  return _atomic_save(np.asarray(labels, np.uint8), original_affine, path)
+
+
 def export_labels(labels: np.ndarray, meta: Mapping, path: str) -> str:
-  """Saves a label map on the case's original grid with the original affine.
+  """Saves a store-grid label map on the case's original grid with the original affine.
 
   Args:
     labels: integer label map `[X, Y, Z]` on the store grid, values in 0..255.
@@ -81,16 +116,7 @@ def export_labels(labels: np.ndarray, meta: Mapping, path: str) -> str:
   Returns:
     `path`, holding uint8 `[*original_shape]`.
   """
-  labels = np.asarray(labels)
-  affine, original_affine, original_shape = _geometry(meta, path, labels)
-  if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-    raise ValueError(f'{path}: labels must be integers, got dtype {labels.dtype}')
-  if labels.size and (labels.min() < 0 or labels.max() > 255):
-    raise ValueError(f'{path}: label values must be in 0..255, got {labels.min()}..'
-                     f'{labels.max()}')
-  out = nifti_io.to_original_grid(np.ascontiguousarray(labels.astype(np.uint8)), affine,
-                                  original_affine, original_shape, order=0)
-  return _atomic_save(out, original_affine, path)
+  return save_original_grid_labels(labels_on_original_grid(labels, meta, path), meta, path)
 
 
 def export_float_map(values: np.ndarray, meta: Mapping, path: str) -> str:

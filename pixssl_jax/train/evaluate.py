@@ -155,17 +155,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) ->
     start = time.perf_counter()
     case_id, meta = example['case_id'], example['meta']
     labels, uncertainty = scorer.predict(params, example['image'])
-    paths = {}
+    # The prediction on the original grid: what is written and, against the raw label, scored.
+    original = export.labels_on_original_grid(labels, meta, case_id)
     if config.eval.export:
-      paths = export.export_case(store, case_id, labels, out_dir, uncertainty)
-    raw_label = _raw_label(store, case_id) if paths and 'label' in example else None
+      export.save_original_grid_labels(original, meta, export.prediction_path(out_dir, case_id))
+      if uncertainty is not None:
+        export.export_float_map(uncertainty, meta,
+                                export.prediction_path(out_dir, case_id, 'uncertainty'))
+    raw_label = _raw_label(store, case_id) if 'label' in example else None
     if raw_label is not None:
-      # Score what was written: the prediction on the original grid, with its spacing.
-      pred = np.asarray(nib.load(paths['label']).dataobj)
-      scores = metrics_lib.case_metrics(pred, raw_label, meta['original_spacing'],
+      scores = metrics_lib.case_metrics(original, raw_label, meta['original_spacing'],
                                         store.label_names)
       grids.add('original')
-    elif 'label' in example:  # Raw files gone, or no export: the store grid and spacing.
+    elif 'label' in example:  # Raw files gone: the store grid and spacing.
       scores = metrics_lib.case_metrics(labels, example['label'], store.spacing,
                                         store.label_names)
       grids.add('store')
