@@ -78,11 +78,14 @@ def restore_student_params(workdir: str, step: int | None = None) -> tuple[Any, 
   model = pixssl.build_model(config.model, config.data.ndim)
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
   mesh = mesh_lib.make_data_mesh()
-  template = step_lib.abstract_train_state(model, tx, config, mesh)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(checkpointing.abstract_like(template))))
+  # Only the student params are read: the teacher and the optimizer moments (three more copies
+  # of the network) stay on disk. The same on-disk format as StandardSave, restored partially.
+  target = {'params': step_lib.abstract_train_state(model, tx, config, mesh).params}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
   manager.close()
-  return jax.device_get(restored['state'].params), step
+  return jax.device_get(restored['state']['params']), step
 
 
 def _flat(tree: Mapping) -> dict[str, Any]:
