@@ -113,12 +113,9 @@ def _sample_shape(config) -> tuple[int, ...]:
 
 def abstract_state(model, tx, config) -> finetune_step.SegState:
   """Shapes and replicated shardings of the fine-tuning state (a restore target)."""
-  replicated = mesh_lib.replicated(mesh_lib.make_data_mesh())
-  abstract = jax.eval_shape(lambda: finetune_step.create_state(
+  return mesh_lib.abstract_replicated(lambda: finetune_step.create_state(
       segmentation.init_segmentation_params(model, jax.random.key(0, impl='rbg'),
-                                            _sample_shape(config)), tx))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      abstract)
+                                            _sample_shape(config)), tx), mesh_lib.make_data_mesh())
 
 
 def initial_state(model, tx, config, mesh, print_fn=print) -> finetune_step.SegState:

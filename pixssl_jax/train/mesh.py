@@ -5,7 +5,7 @@ are split along their leading axis. Collectives are inserted by XLA from these s
 here is per-device code.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,6 +24,17 @@ def make_data_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def abstract_replicated(make: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
+  """Shapes and dtypes of `make()`'s pytree, replicated over `mesh`, computing nothing.
+
+  The restore target for a checkpoint: Orbax reshards onto these shardings whatever topology
+  wrote it (one device, a host, a pod).
+  """
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(make))
 
 
 def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -88,15 +88,8 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
                          config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                          ) -> state_lib.TrainState:
-  """Shapes, dtypes and replicated shardings of the state, computing nothing.
-
-  The restore target for a checkpoint: Orbax reshards onto these shardings whatever topology
-  wrote it (one device, a host, a pod).
-  """
-  replicated = mesh_lib.replicated(mesh)
-  abstract = jax.eval_shape(lambda: init_train_state(model, tx, config, mesh))
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+  """Shapes, dtypes and replicated shardings of the state (a restore target)."""
+  return mesh_lib.abstract_replicated(lambda: init_train_state(model, tx, config, mesh), mesh)
 
 
 def jit_pixel_maps(model: nn.Module, config: ml_collections.ConfigDict,
