@@ -123,16 +123,14 @@ def test_2d_volume_inference_covers_every_slice_once_with_one_shape():
 
 
 def test_best_checkpoint_is_chosen_by_saved_validation_dice(tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import checkpointing, evaluate  # pylint: disable=g-import-not-at-top
   manager = checkpointing.make_manager(str(tmp_path), keep=1, best_metric='val_dice',
                                        async_save=False)
+  data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
   for step, dice in ((1, 0.5), (2, 0.9), (3, None), (4, 0.6)):
-    manager.save(step, force=True, metrics=None if dice is None else {'val_dice': dice},
-                 args=ocp.args.Composite(
-                     state=ocp.args.StandardSave({'w': np.full(2, step, np.float32)}),
-                     meta=ocp.args.JsonSave({'step': step, 'metrics': None if dice is None
-                                             else {'val_dice': dice}})))
+    checkpointing.save(manager, step, {'w': np.full(2, step, np.float32)}, data_iterator,
+                       force=True, metrics=None if dice is None else {'val_dice': dice})
   assert 2 in manager.all_steps() and 4 in manager.all_steps()  # Best and latest kept.
   assert evaluate.choose_checkpoint(manager, 'best') == 2
   assert evaluate.choose_checkpoint(manager, 'last') == 4
