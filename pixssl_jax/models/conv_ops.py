@@ -15,7 +15,6 @@ parameter tree do not change; the results equal the `lax` convolutions up to flo
 (the products are summed in another order).
 """
 
-import itertools
 from typing import Any
 
 import flax.linen as nn
