@@ -6,7 +6,7 @@ r"""A PyTorch port of the PixSSL network and pre-training step, the baseline of 
 Same network (U-Net with GroupNorm, stride-2 conv down-sampling, 2x2(x2) transposed-conv
 up-sampling, batch-normed global MLP heads, pixel projector, context stabilizer with K MC
 dropout samples) and same step (symmetric BYOL global loss, transform-matched pixel loss,
-'exp' uncertainty weighting, global-norm clipping, AdamW on the warm-up + cosine schedule,
+'exp' uncertainty weighting, VICReg terms on the pixel projections, global-norm clipping, AdamW on the warm-up + cosine schedule,
 cosine-momentum EMA teacher), with the weights copied from the Flax params. Torch uses its
 native NC(D)HW layout; the heads after the pixel projector run channels last like the JAX code.
 Only what the pre-training loss reads is computed (decoder levels finer than `pixel_level` are
@@ -243,6 +243,16 @@ def cosine_discrepancy(a, b):
   return 2.0 - 2.0 * (l2_normalize(a) * l2_normalize(b)).sum(-1)
 
 
+def variance_covariance(features, target_std=1.0, eps=1e-4):
+  """`losses.variance_covariance` (VICReg's terms) over all leading positions of `[..., C]`."""
+  z = features.reshape(-1, features.shape[-1])
+  centred = z - z.mean(0)
+  cov = centred.T @ centred / max(z.shape[0] - 1, 1)
+  variance = torch.relu(target_std - torch.sqrt(torch.diagonal(cov) + eps)).mean()
+  off_diagonal = cov - torch.diag(torch.diagonal(cov))
+  return variance, off_diagonal.square().sum() / z.shape[-1]
+
+
 def dropout_scales(k, hidden_shape, rate, generator=None):
   """K inverted-dropout multipliers from 8-bit draws, as `models.heads.dropout_scale`."""
   threshold = int(round(rate * 256))
@@ -378,7 +388,10 @@ class TorchPretrainStep:
     total = weight.sum()
     loss_pixel = torch.where(total > 0, (weight * discrepancy).sum()
                              / torch.where(total > 0, total, 1.0), 0.0)
-    loss = float(method.lambda_global) * loss_global + float(method.lambda_pixel) * loss_pixel
+    loss_variance, loss_covariance = variance_covariance(student['pixel_proj'])
+    loss = (float(method.lambda_global) * loss_global + float(method.lambda_pixel) * loss_pixel
+            + float(method.lambda_variance) * loss_variance
+            + float(method.lambda_covariance) * loss_covariance)
     with torch.no_grad():
       n_valid = mask.sum()
       u_mean = torch.where(n_valid > 0, (uncertainty * mask).sum() / torch.clamp(n_valid, min=1),
@@ -386,7 +399,8 @@ class TorchPretrainStep:
       u_p90 = torch.nan_to_num(torch.nanquantile(
           torch.where(valid, uncertainty, torch.nan).flatten(), 0.9))
     metrics = dict(loss=loss.detach(), loss_global=loss_global.detach(),
-                   loss_pixel=loss_pixel.detach(), uncertainty_mean=u_mean,
+                   loss_pixel=loss_pixel.detach(), loss_variance=loss_variance.detach(),
+                   loss_covariance=loss_covariance.detach(), uncertainty_mean=u_mean,
                    uncertainty_p90=u_p90, overlap_fraction=mask.mean(),
                    projection_std=projection_std)
     return loss, metrics
