@@ -6,8 +6,9 @@ r"""A PyTorch port of the PixSSL network and pre-training step, the baseline of 
 Same network (U-Net with GroupNorm, stride-2 conv down-sampling, 2x2(x2) transposed-conv
 up-sampling, batch-normed global MLP heads, pixel projector, context stabilizer with K MC
 dropout samples) and same step (symmetric BYOL global loss, transform-matched pixel loss,
-'exp' uncertainty weighting, VICReg terms on the pixel projections, global-norm clipping, AdamW on the warm-up + cosine schedule,
-cosine-momentum EMA teacher), with the weights copied from the Flax params. Torch uses its
+'exp' uncertainty weighting, VICReg terms on the pixel projections, global-norm clipping,
+AdamW on the warm-up + cosine schedule, cosine-momentum EMA teacher), with the weights copied
+from the Flax params. Torch uses its
 native NC(D)HW layout; the heads after the pixel projector run channels last like the JAX code.
 Only what the pre-training loss reads is computed (decoder levels finer than `pixel_level` are
 not built: XLA drops them from the JAX step too).
