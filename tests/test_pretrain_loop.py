@@ -25,6 +25,9 @@ def test_loss_falls_over_30_steps(tmp_path):
   losses = [read_metrics(tmp_path)[s]['train/loss'] for s in range(1, 31)]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert lines[-1].startswith('step 30/30')
+  last = read_metrics(tmp_path)[30]
+  assert (f"var {last['train/loss_variance']:.4f}, cov {last['train/loss_covariance']:.4f})"
+          in lines[-1]), lines[-1]
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
