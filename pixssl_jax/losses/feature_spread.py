@@ -15,16 +15,15 @@ TARGET_STD = 1.0
 STD_EPS = 1e-4
 
 
-def variance_covariance(features: jnp.ndarray, weights: jnp.ndarray | None = None,
-                        target_std: float = TARGET_STD) -> tuple[jnp.ndarray, jnp.ndarray]:
+def variance_covariance(features: jnp.ndarray, target_std: float = TARGET_STD
+                        ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """VICReg's variance and covariance losses of `[..., C]` feature vectors.
 
   Every leading position is one sample (for pixel features: every pixel of every view), so the
   statistics are over the whole (global) batch and do not depend on how it is sharded.
 
   Args:
-    features: `[..., C]` raw (not normalised) features.
-    weights: optional `[...]` 0/1 mask of the samples that count; at least two should be 1.
+    features: `[..., C]` raw (not normalised) features, at least two samples.
     target_std: the hinge's target standard deviation `gamma`.
 
   Returns:
@@ -34,13 +33,9 @@ def variance_covariance(features: jnp.ndarray, weights: jnp.ndarray | None = Non
   """
   c = features.shape[-1]
   z = features.reshape(-1, c).astype(jnp.float32)
-  w = (jnp.ones(z.shape[:1], jnp.float32) if weights is None
-       else weights.reshape(-1).astype(jnp.float32))
-  n = jnp.sum(w)
-  mean = jnp.sum(z * w[:, None], axis=0) / jnp.maximum(n, 1.0)
-  centred = (z - mean) * w[:, None]
-  # Unbiased, as VICReg; n - 1 >= 1 keeps a one-sample batch finite.
-  cov = centred.T @ centred / jnp.maximum(n - 1.0, 1.0)
+  centred = z - jnp.mean(z, axis=0)
+  # Unbiased, as VICReg; max(n - 1, 1) keeps a one-sample batch finite.
+  cov = centred.T @ centred / max(z.shape[0] - 1, 1)
   std = jnp.sqrt(jnp.diagonal(cov) + STD_EPS)
   variance = jnp.mean(jnp.maximum(target_std - std, 0.0))
   off_diagonal = cov * (1.0 - jnp.eye(c, dtype=cov.dtype))

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixssl_jax.losses import cosine_discrepancy
-from pixssl_jax.losses import variance_covariance
 from pixssl_jax.losses import global_consistency
 from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
@@ -19,6 +18,7 @@ from pixssl_jax.losses import match_features_by_distance
 from pixssl_jax.losses import mc_dropout_statistics
 from pixssl_jax.losses import mean_over_samples
 from pixssl_jax.losses import ramp_threshold
+from pixssl_jax.losses import variance_covariance
 from pixssl_jax.losses import WEIGHTING_FORMS
 from pixssl_jax.losses import weighted_pixel_loss
 from pixssl_jax.models.heads import dropout_scale
