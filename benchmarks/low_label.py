@@ -54,9 +54,10 @@ METHODS = {
     # Not in the default list: the full method without mirroring augmentations (flips and
     # rot90, which includes 180-degree turns), the diagnosis in docs/BENCHMARKS.md.
     'full_no_mirror': {'data.flip': False, 'data.rot90': False},
-    # The full method with batch statistics in the pixel projector (the collapse fix).
+    # The full method with batch statistics in the pixel projector (the first collapse fix
+    # tried, without the anti-collapse terms' success; docs/BENCHMARKS.md).
     'full_pixel_bn': {'model.pixel_norm': 'batch'},
-    # The full method without the VICReg variance/covariance terms (the collapse fix).
+    # The full method without the VICReg variance/covariance terms, i.e. as it collapsed.
     'full_no_spread': {'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0},
     # A control: the backbone every pre-trained method starts from (pre-training seed 0), after
     # one step. Against it, a method's gain is the pre-training's, not that of its random init.

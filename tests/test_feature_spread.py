@@ -9,7 +9,8 @@ from pixssl_jax.losses import variance_covariance
 
 
 def test_spread_out_uncorrelated_features_cost_nothing():
-  # Channel stds 2 and 3, exactly uncorrelated (+-1 patterns orthogonal over the 4 samples).
+  # Channels +-2 and +-3 around 5 (stds 2.3 and 3.5, above 1), exactly uncorrelated: their
+  # +-1 patterns are orthogonal over the 4 samples.
   z = np.array([[2, 3], [-2, 3], [2, -3], [-2, -3]], np.float32) + 5.0
   variance, covariance = variance_covariance(jnp.asarray(z))
   assert float(variance) == 0.0
