@@ -93,10 +93,10 @@ class MetricsWriter:
     parts = [f'step {step}/{self._num_steps}' if prefix == 'train'
              else f'{prefix} at step {step}']
     if has('loss_global', 'loss_pixel'):  # Pre-training.
-      spread = (f", var {get('loss_variance'):.4f}, cov {get('loss_covariance'):.4f}"
-                if has('loss_variance', 'loss_covariance') else '')
+      # pretrain_loss always reports the spread terms (0 when switched off).
       parts += [f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
-                f"pixel {get('loss_pixel'):.4f}{spread})",
+                f"pixel {get('loss_pixel'):.4f}, var {get('loss_variance'):.4f}, "
+                f"cov {get('loss_covariance'):.4f})",
                 f"uncertainty {get('uncertainty_mean'):.2e}"]
     elif has('dice_loss', 'ce_loss'):  # Fine-tuning.
       parts.append(f"loss {get('loss'):.4f} (dice {get('dice_loss'):.4f}, "
