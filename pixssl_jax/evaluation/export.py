@@ -139,6 +139,21 @@ def export_float_map(values: np.ndarray, meta: Mapping, path: str) -> str:
   return _atomic_save(out, original_affine, path)
 
 
+def save_case(meta: Mapping, case_id: str, original_labels: np.ndarray, out_dir: str,
+              uncertainty: np.ndarray | None = None) -> dict[str, str]:
+  """Writes a case's original-grid labels (and optional store-grid uncertainty map).
+
+  Returns:
+    {'label': path} plus {'uncertainty': path} when a map was given.
+  """
+  paths = {'label': save_original_grid_labels(original_labels, meta,
+                                              prediction_path(out_dir, case_id))}
+  if uncertainty is not None:
+    paths['uncertainty'] = export_float_map(
+        uncertainty, meta, prediction_path(out_dir, case_id, 'uncertainty'))
+  return paths
+
+
 def export_case(store, case_id: str, labels: np.ndarray, out_dir: str,
                 uncertainty: np.ndarray | None = None) -> dict[str, str]:
   """Exports one case's prediction (and optional uncertainty map) from a `CaseStore`.
@@ -154,8 +169,6 @@ def export_case(store, case_id: str, labels: np.ndarray, out_dir: str,
     {'label': path} plus {'uncertainty': path} when a map was given.
   """
   meta = store.meta(case_id)
-  paths = {'label': export_labels(labels, meta, prediction_path(out_dir, case_id))}
-  if uncertainty is not None:
-    paths['uncertainty'] = export_float_map(
-        uncertainty, meta, prediction_path(out_dir, case_id, 'uncertainty'))
-  return paths
+  path = prediction_path(out_dir, case_id)
+  return save_case(meta, case_id, labels_on_original_grid(labels, meta, path), out_dir,
+                   uncertainty)

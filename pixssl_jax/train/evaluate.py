@@ -158,10 +158,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) ->
     # The prediction on the original grid: what is written and, against the raw label, scored.
     original = export.labels_on_original_grid(labels, meta, case_id)
     if config.eval.export:
-      export.save_original_grid_labels(original, meta, export.prediction_path(out_dir, case_id))
-      if uncertainty is not None:
-        export.export_float_map(uncertainty, meta,
-                                export.prediction_path(out_dir, case_id, 'uncertainty'))
+      export.save_case(meta, case_id, original, out_dir, uncertainty)
     raw_label = _raw_label(store, case_id) if 'label' in example else None
     if raw_label is not None:
       scores = metrics_lib.case_metrics(original, raw_label, meta['original_spacing'],
