@@ -37,6 +37,45 @@ def kind_of(name: str) -> str:
   return 'other'
 
 
+def source_of_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+  """XLA op name -> (JAX primitive, layer kind, 'forward' | 'backward'), from HLO metadata.
+
+  XLA:CPU runs convolutions, dots and many reductions inside `ynn_fusion`s (YNNPACK), so
+  the op names alone do not say what the time is spent on; each instruction's `op_name`
+  metadata does (e.g. `jit(train_step)/transpose(jvp(PixSSLModel))/backbone/enc0/norm0/
+  reduce_sum`). The layer kind is the module name without its index (norm, conv, up, ...).
+  A fusion without metadata is named by its fused computation's root (XLA drops the metadata
+  of, e.g., the kernel-gradient convolutions, which only the backward pass has).
+  """
+  instruction = re.compile(r'^\s*(ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(([^\n]*)', re.M)
+  roots, lines = {}, {}
+  computation = None
+  for line in hlo_text.splitlines():
+    header = re.match(r'^%?([\w.\-]+) .*\{$', line)
+    if header and not line.startswith(' '):
+      computation = header.group(1)
+    match = instruction.match(line)
+    if match:
+      lines[match.group(2)] = (match.group(3), match.group(4))
+      if match.group(1):
+        roots[computation] = match.group(2)
+
+  def describe(name):
+    opcode, rest = lines[name]
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    called = re.search(r'calls=%?([\w.\-]+)', rest)
+    if not op_name and called and called.group(1) in roots:
+      return describe(roots[called.group(1)])
+    if not op_name:
+      return (opcode, '?', 'backward' if opcode == 'convolution' else '?')
+    parts = op_name.group(1).split('/')
+    layer = next((re.sub(r'\d+$', '', p) for p in reversed(parts[:-1])
+                  if re.match(r'^(norm|conv|up|pixel|global|proj|head)', p)), 'other')
+    return (parts[-1], layer, 'backward' if 'transpose(' in op_name.group(1) else 'forward')
+
+  return {name: describe(name) for name in lines}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='demo')
@@ -75,6 +114,13 @@ def main():
   print('\n| kind | ms/step | share |\n| --- | --- | --- |')
   for kind, ms in kinds.most_common():
     print(f'| {kind} | {ms:.1f} | {100 * ms / step_ms:.0f}% |')
+  by_source = collections.Counter()
+  sources = source_of_ops(step.compiled.as_text())
+  for name, ms in totals.items():
+    by_source[sources.get(name, ('?', '?', name))] += ms
+  print('\n| JAX primitive | layer kind | pass | ms/step | share |\n| --- | --- | --- | --- | --- |')
+  for (primitive, layer, direction), ms in by_source.most_common(args.top):
+    print(f'| {primitive} | {layer} | {direction} | {ms:.1f} | {100 * ms / step_ms:.0f}% |')
 
 
 if __name__ == '__main__':
