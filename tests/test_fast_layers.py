@@ -1,4 +1,4 @@
-"""The U-Net's fast convolution forms equal Flax's, with the same parameters."""
+"""The U-Net's fast convolution and GroupNorm forms equal Flax's, with the same parameters."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from pixssl_jax.models import conv_ops
+from pixssl_jax.models import group_norm
+from pixssl_jax.models import unet
 
 
 def _values_and_grads(module, params, x):
@@ -59,3 +61,69 @@ def test_conv_transpose_matches_flax(shape):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                expected, new_out)
 
+
+
+class _GroupNormAfterBias(nn.Module):
+  """Reference: Flax's GroupNorm of `x + pre_bias`, the bias added first."""
+
+  @nn.compact
+  def __call__(self, x, pre_bias):
+    return nn.GroupNorm(num_groups=4, name='norm')(x + pre_bias)
+
+
+class _FastGroupNorm(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, pre_bias):
+    return group_norm.GroupNorm(4, name='norm')(x, pre_bias)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 5, 8), (2, 3, 4, 5, 8)])
+def test_group_norm_with_folded_bias_matches_flax(shape):
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), shape)  # Mean far from 0.
+  pre_bias = jax.random.normal(jax.random.PRNGKey(1), shape[-1:])
+  ref, new = _GroupNormAfterBias(), _FastGroupNorm()
+  params = ref.init(jax.random.PRNGKey(2), x, pre_bias)
+  jax.tree.map(np.testing.assert_array_equal, params, new.init(jax.random.PRNGKey(2), x, pre_bias))
+  params = jax.tree.map(lambda p: p + jax.random.uniform(jax.random.PRNGKey(3), p.shape), params)
+
+  def values_and_grads(module):
+    def loss(p, x, b):
+      return jnp.sum(jnp.sin(3.0 * module.apply(p, x, b)))
+    return module.apply(params, x, pre_bias), jax.grad(loss, argnums=(0, 1, 2))(params, x,
+                                                                                  pre_bias)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               values_and_grads(ref), values_and_grads(new))
+
+
+def test_group_norm_rejects_indivisible_channels():
+  with pytest.raises(ValueError, match='6 channels not divisible by 4 groups'):
+    group_norm.GroupNorm(4).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 6)))
+
+
+class _FlaxConvBlock(nn.Module):
+  """unet.ConvBlock written with Flax's own layers (bias added by the conv, nn.GroupNorm)."""
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x):
+    n = x.ndim - 2
+    for i, stride in enumerate((self.strides, 1)):
+      x = nn.Conv(self.features, (3,) * n, (stride,) * n, padding='SAME', name=f'conv{i}')(x)
+      x = nn.leaky_relu(nn.GroupNorm(num_groups=4, name=f'norm{i}')(x), 0.01)
+    return x
+
+
+@pytest.mark.parametrize('shape,stride', [((2, 8, 6, 3), 1), ((2, 8, 6, 3), 2),
+                                          ((2, 4, 6, 4, 3), 2)])
+def test_conv_block_matches_flax_layers(shape, stride):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ref = _FlaxConvBlock(8, stride)
+  new = unet.ConvBlock(8, len(shape) - 2, num_groups=4, strides=stride)
+  params = ref.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, new.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # Nonzero conv biases, reaching the norm.
+  expected, new_out = _values_and_grads(ref, params, x), _values_and_grads(new, params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               expected, new_out)

@@ -92,8 +92,18 @@ def test_multi_process_checkpoint_restores_on_one_device(runs):
   state, step, data_restored = restore_params_on_one_device(two)
   reference, _, _ = restore_params_on_one_device(one)
   assert step == 3 and not data_restored  # Iterator state belongs to 2 processes, not 1.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(state.params), jax.device_get(reference.params))
+  multi = jax.tree.leaves(jax.device_get(state.params))
+  single = jax.tree.leaves(jax.device_get(reference.params))
+  # The two topologies all-reduce the gradients in different orders, so float32 gradients
+  # differ in their last bits, and after 3 AdamW steps (peak lr 1e-3) single weights of the
+  # coarsest level (few positions: one activation crossing a leaky-ReLU kink can move much of
+  # a kernel's gradient) differed by up to 1.1e-5 with numerically equal forms of the network
+  # (docs/performance.md). A sharding bug (a wrong mean, a missing all-reduce) moves every
+  # weight by a good part of a step: the mean difference catches it, at 1e-4 of a step.
+  for a, b in zip(multi, single):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # 5% of one learning-rate step.
+  differences = np.concatenate([np.abs(a - b).ravel() for a, b in zip(multi, single)])
+  assert differences.mean() < 1e-7, differences.mean()
 
 
 

@@ -13,9 +13,11 @@ from benchmarks import torch_reference  # noqa: E402  pylint: disable=g-import-n
 def test_torch_reference_matches_the_jax_step():
   diffs = torch_reference.check('tiny')
   assert diffs['loss'] < 1e-5 and diffs['metrics'] < 1e-5, diffs
-  # Gradients: JAX against float64 torch tightly; float32 torch differs at leaky-ReLU kinks
-  # where rounding flips the sign of a near-zero input (see torch_reference.check).
-  assert diffs['grads_vs_float64'] < 1e-4 * max(1.0, diffs['grad_max']), diffs
+  # Gradients against float64 torch: float32 rounding can flip the sign of a near-zero input
+  # of a (leaky) ReLU, and one flip changes many gradient elements downstream (see
+  # torch_reference.check): float32 torch is 1e-2 off, float32 JAX 8e-6 with Flax's GroupNorm
+  # and 3e-4 with group_norm.py's, which is closer to float64 on its own (docs/performance.md).
+  assert diffs['grads_vs_float64'] < 1e-3 * max(1.0, diffs['grad_max']), diffs
   assert diffs['torch_grads_vs_float64'] < 0.05 * diffs['grad_max'], diffs
   # Adam normalises updates, so a tiny gradient of another sign moves a weight by up to 2 lr.
   assert diffs['params'] <= 2.5 * diffs['lr'], diffs

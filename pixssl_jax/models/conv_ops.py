@@ -107,14 +107,18 @@ class Conv(nn.Module):
     kernel_size: spatial kernel shape (odd sizes).
     strides: one stride for every spatial axis.
     dtype: compute dtype (parameters float32).
+    defer_bias: return `(convolution, bias)` without adding the bias, for a GroupNorm that
+      folds it into its statistics and shift (group_norm.py): adding it here would be one
+      more pass over the activations.
   """
   features: int
   kernel_size: tuple[int, ...]
   strides: int = 1
   dtype: Any = jnp.float32
+  defer_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
@@ -125,6 +129,8 @@ class Conv(nn.Module):
     else:
       y = lax.conv_general_dilated(x, kernel, (self.strides,) * n, 'SAME',
                                    dimension_numbers=_dimension_numbers(n))
+    if self.defer_bias:
+      return y, bias
     return y + bias.astype(self.dtype)
 
 
