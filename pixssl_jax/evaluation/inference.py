@@ -10,20 +10,26 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from pixssl_jax import xla_options
 from pixssl_jax.evaluation.sliding_window import sliding_window_inference
 
 
 def volume_predictor(prob_fn: Callable, ndim: int) -> Callable:
-  """Adapts a jitted `(params, x [B, *P, 1]) -> [B, *P, K]` to 3-D windows.
+  """Adapts `(params, x [B, *P, 1]) -> [B, *P, K]` to 3-D windows, jitted with our options.
 
-  Build it once per evaluation (it is jitted here), not once per case.
+  `prob_fn` may itself be jitted (without `compiler_options`, which only a top-level jit may
+  carry): the jit here compiles it with `xla_options.compiler_options()`. Build it once per
+  evaluation, not once per case.
   """
   if ndim == 3:
-    return prob_fn
-  if ndim != 2:
+    adapted = prob_fn
+  elif ndim == 2:
+    # [B, Px, Py, 1, C] windows -> the 2-D model -> [B, Px, Py, 1, K].
+    def adapted(params, x):
+      return prob_fn(params, x[..., 0, :])[..., None, :]
+  else:
     raise ValueError(f'ndim must be 2 or 3, got {ndim}')
-  # [B, Px, Py, 1, C] windows -> the 2-D model -> [B, Px, Py, 1, K].
-  return jax.jit(lambda params, x: prob_fn(params, x[..., 0, :])[..., None, :])
+  return jax.jit(adapted, compiler_options=xla_options.compiler_options())
 
 
 def predict_volume(predictor: Callable, params, image: np.ndarray, *, ndim: int,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pixssl_jax import xla_options
 from pixssl_jax.losses import segmentation as seg_losses
 from pixssl_jax.models import segmentation
 from pixssl_jax.train import mesh as mesh_lib
@@ -64,7 +65,8 @@ def jit_train_step(model, tx, config, mesh) -> Callable:
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                  in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=xla_options.compiler_options())
 
 
 def jit_probabilities(model: segmentation.SegmentationModel) -> Callable:

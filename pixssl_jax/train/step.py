@@ -8,6 +8,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
+from pixssl_jax import xla_options
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import objective
@@ -66,7 +67,7 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation,
       functools.partial(train_step, model=model, tx=tx, config=config),
       in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
       out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=xla_options.compiler_options())
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
