@@ -5,9 +5,11 @@ r"""Where the train step's time goes on this machine: XLA ops grouped by kind, f
 Compiles the preset's train step, runs `--steps` steps under `jax.profiler.trace`, reads the
 trace back (`jax._src.lib._profile_data`, the reader JAX ships) and sums the host events of
 the XLA:CPU executable by op name. Prints the top ops and a grouping by kind (convolution,
-dot, reduce/norm, fusion, copy/transpose, ...). Times are per step; op names are XLA's, so
-`convolution.12` and its `fusion` neighbours map back to the model through the HLO dump
-(`XLA_FLAGS=--xla_dump_to=DIR`), not one-to-one to layers.
+dot, reduce/norm, fusion, copy/transpose, ...), then by the JAX primitive, layer kind and
+pass (forward/backward) each op came from, read from the compiled HLO's metadata. Times are
+per step. XLA:CPU records no events for the convolutions it runs through Eigen (with
+pixssl_jax.xla_options, all of them), so compare the recorded op time with the wall time
+printed next to it: most of the difference is convolution.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import collections
 import pathlib
 import re
 import tempfile
+import time
 
 import jax
 
@@ -88,8 +91,10 @@ def main():
   step()  # Warm-up outside the trace.
   with tempfile.TemporaryDirectory() as logdir:
     with jax.profiler.trace(logdir):
+      start = time.perf_counter()
       for _ in range(args.steps):
         step()
+      wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     path = next(pathlib.Path(logdir).rglob('*.xplane.pb'))
     profile = _profile_data.ProfileData.from_file(str(path))
   totals = collections.Counter()
@@ -103,8 +108,11 @@ def main():
         if re.match(r'^[a-z][a-z_\-]*(\.\d+)*$', name) and not name.startswith('end'):
           totals[name] += event.duration_ns / 1e6 / args.steps
   step_ms = sum(totals.values())
-  print(f'{args.preset}: {len(totals)} ops, {step_ms:.0f} ms of op time per step '
-        f'(ops on parallel threads add up)\n')
+  # XLA:CPU records no event for convolutions it runs through Eigen (the default of
+  # pixssl_jax.xla_options), so on CPU most of the gap to the wall time is convolution.
+  print(f'{args.preset}: {len(totals)} ops, {step_ms:.0f} ms of recorded op time per step '
+        f'(ops on parallel threads add up) of {wall_ms:.0f} ms wall time; XLA:CPU records no '
+        f'events for Eigen convolutions, which take most of the rest\n')
   print('| op | ms/step |\n| --- | --- |')
   for name, ms in totals.most_common(args.top):
     print(f'| {name} | {ms:.1f} |')
