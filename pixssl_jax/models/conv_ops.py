@@ -1,6 +1,7 @@
 """The U-Net's convolutions in the forms XLA:CPU runs fast (same parameters as `nn.Conv`).
 
-Why: XLA:CPU lowers `conv_general_dilated` to Eigen's spatial convolution. Its 2-D
+Why: XLA:CPU lowers `conv_general_dilated` to Eigen's spatial convolution (with
+`xla_options.compiler_options()`; this jaxlib's default, YNNPACK, was slower still). Its 2-D
 convolution runs near the machine's matmul speed for our widths, but its 3-D convolution ran
 at about a fifth of that, the input gradient of a strided 3-D convolution (an input-dilated
 convolution) was 70x slower than its forward pass (a `[4, 64^3, 16] -> 32` stride-2 3^3
