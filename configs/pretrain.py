@@ -6,8 +6,8 @@ Run a preset with:
 
 Presets (the part after the colon):
   tiny     a few-second 2-D run on tiny phantoms, used by the tests.
-  demo     the default: 2-D 128x128 axial slices of the embedded phantom dataset; about 5 minutes
-           on 2 CPU cores.
+  demo     the default: 2-D 128x128 axial slices of the embedded phantom dataset; about 3 minutes
+           on 2 CPU cores (2 once the phantom store is built; docs/BENCHMARKS.md).
   btcv_3d  3-D 96^3 patches from a local prepared store:
              --config.data.data_dir=/path/to/store (see README "Preparing a real dataset").
   tpu_pod  btcv_3d at pod scale: the global batch spread over all chips, bf16 compute, fp32 params.
@@ -123,7 +123,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.mode = 'pretrain'
   config.preset = preset
   config.seed = 0
-  config.num_steps = 180  # About 4.5 minutes on 2 CPU cores, phantom generation included.
+  config.num_steps = 180  # About 2 minutes on 2 CPU cores, plus 1 to build the phantoms once.
   config.batch_size = 8  # Global batch, over all processes and devices.
   config.log_every = 10
   config.checkpoint_every = 50
