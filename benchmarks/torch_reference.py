@@ -318,7 +318,13 @@ class TorchPretrainStep:
   'exp' weighting, 'inverse' matching, AdamW with global-norm clipping.
   """
 
-  def __init__(self, flax_model, config, params, ema_params, lr_steps=64):
+  def __init__(self, flax_model, config, params, ema_params, lr_steps=64,
+               compute_dtype=None):
+    """Builds the student and teacher on torch's default device (`torch.set_default_device`).
+
+    `compute_dtype` (e.g. `torch.bfloat16`) runs the forward passes under `torch.autocast`, as
+    the JAX model's `model.dtype`; None: float32.
+    """
     method, optim = config.method, config.optim
     if not (method.use_global and method.use_pixel and method.use_stabilizer):
       raise NotImplementedError('the reference ports the full method only')
@@ -338,7 +344,8 @@ class TorchPretrainStep:
         lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=True)
     self.lrs = learning_rates(optim, config.num_steps, lr_steps)
     self.step_count = 0
-    self.generator = torch.Generator().manual_seed(int(config.seed))
+    self.compute_dtype = compute_dtype
+    self.generator = torch.Generator(torch.get_default_device()).manual_seed(int(config.seed))
 
   @staticmethod
   def to_torch_batch(batch):
@@ -347,7 +354,7 @@ class TorchPretrainStep:
            for k in ('view1', 'view2')}
     out.update({k: torch.from_numpy(np.asarray(batch[k], np.float32))
                 for k in ('transform1', 'transform2')})
-    return out
+    return {k: v.to(torch.get_default_device()) for k, v in out.items()}
 
   def loss(self, batch, scales=None):
     """`objective.pretrain_loss`: returns `(loss, metrics)`; `scales` [K, 2B, *G, H] optional."""
@@ -410,7 +417,9 @@ class TorchPretrainStep:
     """One optimizer step of the student and one EMA step of the teacher; returns metrics."""
     optim = self.config.optim
     self.optimizer.zero_grad(set_to_none=False)
-    loss, metrics = self.loss(batch, scales)
+    with torch.autocast(torch.get_default_device().type, dtype=self.compute_dtype,
+                        enabled=self.compute_dtype is not None):
+      loss, metrics = self.loss(batch, scales)
     loss.backward()
     grads = [p.grad for p in self.params]
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pylint: disable=protected-access

@@ -1,7 +1,12 @@
 r"""Pre-training step time against PyTorch and the machine's matmul peak (issues 3 and 7).
 
   PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64,btcv_3d] [--steps 6]
-      [--batch btcv_3d=1] [--no-torch]
+      [--batch btcv_3d=1] [--no-torch] [--dtype bfloat16]
+
+On a GPU host (JAX's default backend `gpu`, torch built with CUDA) the same command times
+both frameworks on the GPU; `--dtype bfloat16` sets the JAX `model.dtype` and runs the
+PyTorch forward passes under `torch.autocast(bfloat16)`, and the matmul peak is then a
+bfloat16 one, so "% of peak" is the model FLOPs utilisation the issue asks for.
 
 For each preset, on this machine's default JAX devices (one CPU device uses every core), with
 random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
@@ -90,21 +95,42 @@ def best_seconds(fn, reps: int) -> float:
   return min(times)
 
 
-def matmul_peak(n: int = 4096, reps: int = 3) -> dict[str, float]:
-  """Dense float32 [n, n] @ [n, n] GFLOP/s of XLA, NumPy and (if installed) PyTorch."""
+def matmul_peak(n: int = 4096, reps: int = 3, dtype: str = 'float32') -> dict[str, float]:
+  """Dense `dtype` [n, n] @ [n, n] GFLOP/s of XLA, NumPy (CPU, float32) and PyTorch.
+
+  XLA runs on JAX's default device, PyTorch on its default device (see `torch_device`).
+  """
   flops = 2.0 * n ** 3
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
   out = {}
-  x = jnp.asarray(a)
+  x = jnp.asarray(a, dtype)
   dot = jax.jit(jnp.dot)
   out['XLA'] = flops / best_seconds(lambda: dot(x, x).block_until_ready(), reps) / 1e9
-  out['NumPy'] = flops / best_seconds(lambda: a @ a, reps) / 1e9
+  if jax.default_backend() == 'cpu' and dtype == 'float32':
+    out['NumPy'] = flops / best_seconds(lambda: a @ a, reps) / 1e9
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return out
-  t = torch.from_numpy(a)
-  out['PyTorch'] = flops / best_seconds(lambda: torch.mm(t, t), reps) / 1e9
+  t = torch.from_numpy(a).to(torch.get_default_device(), getattr(torch, dtype))
+  out['PyTorch'] = flops / best_seconds(lambda: torch_synchronized(torch.mm, t, t), reps) / 1e9
+  return out
+
+
+def torch_device() -> str:
+  """'cuda' when JAX runs on a GPU and torch can too (so both time the same chip), else 'cpu'."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'gpu' and torch.cuda.is_available():
+    return 'cuda'
+  return 'cpu'
+
+
+def torch_synchronized(fn, *args):
+  """Calls `fn` and waits for the GPU (torch launches CUDA work asynchronously)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  out = fn(*args)
+  if torch.get_default_device().type == 'cuda':
+    torch.cuda.synchronize()
   return out
 
 
@@ -167,13 +193,16 @@ def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
   runners = {'jax': full, 'jax_k1': single}
   if with_torch:
     from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    compute_dtype = None if config.model.dtype == 'float32' else getattr(torch, config.model.dtype)
     torch_step = torch_reference.TorchPretrainStep(
         full.model, config, jax.device_get(full.state.params),
-        jax.device_get(full.state.ema_params), lr_steps=steps + 1)
+        jax.device_get(full.state.ema_params), lr_steps=steps + 1, compute_dtype=compute_dtype)
     torch_batch = torch_reference.TorchPretrainStep.to_torch_batch(
         random_batch(config, np.random.default_rng(0)))
-    runners['torch'] = lambda: torch_step.step(torch_batch)
-    torch_threads = pick_torch_threads(runners['torch'])
+    runners['torch'] = lambda: torch_synchronized(torch_step.step, torch_batch)
+    torch_threads = (pick_torch_threads(runners['torch'])
+                     if torch.get_default_device().type == 'cpu' else 'GPU')
   first = {}
   for name, run in runners.items():  # Warm-up: the first step of each.
     start = time.perf_counter()
@@ -229,29 +258,35 @@ def main():
                       help='PRESET=B: run PRESET with global batch B (e.g. btcv_3d=1 on CPU)')
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--peak-size', type=int, default=4096, help='matmul side for the peak')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='compute dtype of both models and of the matmul peak')
   args = parser.parse_args()
   batches = {k: int(v) for k, v in (item.split('=') for item in args.batch)}
   with_torch = not args.no_torch
   if with_torch:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_default_device(torch_device())
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   load_start = os.getloadavg()
-  peak = matmul_peak(args.peak_size)
+  peak = matmul_peak(args.peak_size, dtype=args.dtype)
   best = max(peak.values())
   print('matmul peak GFLOP/s: ' + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()), flush=True)
   rows = []
   for name in args.presets.split(','):
-    row = time_preset(preset_config(name, batches.get(name)), mesh, args.steps, with_torch)
+    config = preset_config(name, batches.get(name))
+    config.model.dtype = args.dtype
+    row = time_preset(config, mesh, args.steps, with_torch)
     rows.append((name, row))
     print(f'{name}: {row}', flush=True)
   versions = f'jax {jax.__version__}'
   if with_torch:
-    versions += f', torch {torch.__version__}'
+    versions += f', torch {torch.__version__} on {torch.get_default_device()}'
   print(f'\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, '
-        f'{jax.devices()[0].device_kind}, {versions}; {args.steps} timed rounds after one '
+        f'{jax.devices()[0].device_kind}, compute dtype {args.dtype}, {versions}; '
+        f'{args.steps} timed rounds after one '
         f'warm-up step; load average {load_start[0]:.2f} at the start, '
         f'{os.getloadavg()[0]:.2f} at the end\n')
-  print(f'Matmul peak ({args.peak_size}^2 float32): '
+  print(f'Matmul peak ({args.peak_size}^2 {args.dtype}): '
         + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()) + f' GFLOP/s; best {best:.1f}\n')
   print('| preset | patch | batch | compile s | JAX step s | PyTorch step s | JAX/PyTorch '
         '| PyTorch threads | samples/s | Mvoxel/s | GFLOP/step | JAX GFLOP/s | % of peak '
