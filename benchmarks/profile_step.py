@@ -1,12 +1,12 @@
-r"""Where the train step's time goes on this machine: XLA ops grouped by kind, from a trace.
+r"""Where the train step's time goes on this machine: XLA op times from a trace, by their source.
 
   PYTHONPATH=. python benchmarks/profile_step.py [--preset demo] [--steps 3] [--top 25]
 
 Compiles the preset's train step, runs `--steps` steps under `jax.profiler.trace`, reads the
 trace back (`jax._src.lib._profile_data`, the reader JAX ships) and sums the host events of
-the XLA:CPU executable by op name. Prints the top ops and a grouping by kind (convolution,
-dot, reduce/norm, fusion, copy/transpose, ...), then by the JAX primitive, layer kind and
-pass (forward/backward) each op came from, read from the compiled HLO's metadata. Times are
+the XLA:CPU executable by op name. Prints the top ops, then the times grouped by the JAX
+primitive, layer kind and pass (forward/backward) each op came from, read from the compiled
+HLO's metadata (the op names do not say it: most are `ynn_fusion.N` or `*_fusion.N`). Times are
 per step. XLA:CPU records no events for the convolutions it runs through Eigen (with
 pixssl_jax.xla_options, all of them), so compare the recorded op time with the wall time
 printed next to it: most of the difference is convolution.
@@ -23,22 +23,6 @@ import jax
 
 from benchmarks import train_step as bench
 from jax._src.lib import _profile_data  # pylint: disable=g-direct-tensorflow-import
-
-_KINDS = (('convolution', 'convolution'), ('dot', 'dot'), ('reduce', 'reduce'),
-          ('transpose', 'copy/transpose'), ('copy', 'copy/transpose'),
-          ('concatenate', 'concatenate/slice/pad'), ('slice', 'concatenate/slice/pad'),
-          ('pad', 'concatenate/slice/pad'), ('gather', 'gather/scatter'),
-          ('scatter', 'gather/scatter'), ('rng', 'random bits'), ('threefry', 'random bits'),
-          ('sort', 'sort'), ('fusion', 'other fusion'))
-
-
-def kind_of(name: str) -> str:
-  base = re.sub(r'[.\d]+$', '', name)
-  for key, kind in _KINDS:
-    if key in base:
-      return kind
-  return 'other'
-
 
 def source_of_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
   """XLA op name -> (JAX primitive, layer kind, 'forward' | 'backward'), from HLO metadata.
@@ -108,20 +92,12 @@ def main():
         if re.match(r'^[a-z][a-z_\-]*(\.\d+)*$', name) and not name.startswith('end'):
           totals[name] += event.duration_ns / 1e6 / args.steps
   step_ms = sum(totals.values())
-  # XLA:CPU records no event for convolutions it runs through Eigen (the default of
-  # pixssl_jax.xla_options), so on CPU most of the gap to the wall time is convolution.
   print(f'{args.preset}: {len(totals)} ops, {step_ms:.0f} ms of recorded op time per step '
         f'(ops on parallel threads add up) of {wall_ms:.0f} ms wall time; XLA:CPU records no '
         f'events for Eigen convolutions, which take most of the rest\n')
   print('| op | ms/step |\n| --- | --- |')
   for name, ms in totals.most_common(args.top):
     print(f'| {name} | {ms:.1f} |')
-  kinds = collections.Counter()
-  for name, ms in totals.items():
-    kinds[kind_of(name)] += ms
-  print('\n| kind | ms/step | share |\n| --- | --- | --- |')
-  for kind, ms in kinds.most_common():
-    print(f'| {kind} | {ms:.1f} | {100 * ms / step_ms:.0f}% |')
   by_source = collections.Counter()
   sources = source_of_ops(step.compiled.as_text())
   for name, ms in totals.items():
