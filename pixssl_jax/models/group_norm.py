@@ -45,12 +45,13 @@ def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, num_groups
   per_group = channels // num_groups
   spatial_axes = tuple(range(1, x.ndim - 1))
   size = x.size // (batch * channels)
+  # A missing pre_bias is zero: the extra arithmetic is on [B, C] only.
+  pre_bias = (jnp.zeros((channels,), jnp.float32) if pre_bias is None
+              else pre_bias.astype(jnp.float32))
   sums = jnp.sum(x, axis=spatial_axes)  # [B, C]
   square_sums = jnp.sum(jnp.square(x), axis=spatial_axes)
-  if pre_bias is not None:
-    pre_bias = pre_bias.astype(jnp.float32)
-    square_sums = square_sums + 2 * pre_bias * sums + size * jnp.square(pre_bias)
-    sums = sums + size * pre_bias
+  square_sums = square_sums + 2 * pre_bias * sums + size * jnp.square(pre_bias)
+  sums = sums + size * pre_bias
 
   def group_mean(per_channel):
     return per_channel.reshape(batch, num_groups, per_group).sum(-1) / (size * per_group)
@@ -59,9 +60,7 @@ def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, num_groups
   inverse_std = jax.lax.rsqrt(jnp.maximum(mean_square - jnp.square(mean), 0.0) + epsilon)
   # Per (sample, channel): out = x * factor + shift.
   factor = jnp.repeat(inverse_std, per_group, axis=1) * scale
-  shift = bias - jnp.repeat(mean, per_group, axis=1) * factor
-  if pre_bias is not None:
-    shift = shift + pre_bias * factor
+  shift = bias + (pre_bias - jnp.repeat(mean, per_group, axis=1)) * factor
   shape = (batch,) + (1,) * len(spatial_axes) + (channels,)
   return x * factor.reshape(shape) + shift.reshape(shape)
 
