@@ -1,7 +1,7 @@
 r"""Pre-training step time against PyTorch and the machine's matmul peak (issues 3 and 7).
 
   PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64,btcv_3d] [--steps 6]
-      [--batch btcv_3d=1] [--no-torch] [--dtype bfloat16]
+      [--batch btcv_3d=1] [--no-torch] [--dtype bfloat16] [--cpu-library-fusions LIST]
 
 On a GPU host (JAX's default backend `gpu`, torch built with CUDA) the same command times
 both frameworks on the GPU; `--dtype bfloat16` sets the JAX `model.dtype` and runs the
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixssl_jax import config_files
+from pixssl_jax import xla_options
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import state as state_lib
@@ -258,9 +259,20 @@ def main():
                       help='PRESET=B: run PRESET with global batch B (e.g. btcv_3d=1 on CPU)')
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--peak-size', type=int, default=4096, help='matmul side for the peak')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                      help='compute dtype of both models and of the matmul peak')
+  parser.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                      help="compute dtype of both models and of the matmul peak (default: "
+                      "each preset's model.dtype, a float32 peak)")
+  parser.add_argument('--cpu-library-fusions', default=None,
+                      help="XLA:CPU library fusions for the jitted steps instead of "
+                      "pixssl_jax.xla_options' choice: 'xla-default', or a comma list such as "
+                      "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE")
   args = parser.parse_args()
+  if args.cpu_library_fusions:
+    # The sweep that chose xla_options' setting (docs/performance.md); {} = XLA's defaults.
+    xla_options._CPU_OPTIONS = ({} if args.cpu_library_fusions == 'xla-default' else  # pylint: disable=protected-access
+                                {'xla_cpu_experimental_ynn_fusion_type': args.cpu_library_fusions})
+    xla_options.compiler_options.cache_clear()
+  peak_dtype = args.dtype or 'float32'
   batches = {k: int(v) for k, v in (item.split('=') for item in args.batch)}
   with_torch = not args.no_torch
   if with_torch:
@@ -268,13 +280,13 @@ def main():
     torch.set_default_device(torch_device())
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   load_start = os.getloadavg()
-  peak = matmul_peak(args.peak_size, dtype=args.dtype)
+  peak = matmul_peak(args.peak_size, dtype=peak_dtype)
   best = max(peak.values())
   print('matmul peak GFLOP/s: ' + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()), flush=True)
   rows = []
   for name in args.presets.split(','):
     config = preset_config(name, batches.get(name))
-    config.model.dtype = args.dtype
+    config.model.dtype = args.dtype or config.model.dtype
     row = time_preset(config, mesh, args.steps, with_torch)
     rows.append((name, row))
     print(f'{name}: {row}', flush=True)
@@ -282,11 +294,12 @@ def main():
   if with_torch:
     versions += f', torch {torch.__version__} on {torch.get_default_device()}'
   print(f'\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, '
-        f'{jax.devices()[0].device_kind}, compute dtype {args.dtype}, {versions}; '
+        f'{jax.devices()[0].device_kind}, compute dtype {args.dtype or "of each preset"}, '
+        f'XLA options {xla_options.compiler_options()}, {versions}; '
         f'{args.steps} timed rounds after one '
         f'warm-up step; load average {load_start[0]:.2f} at the start, '
         f'{os.getloadavg()[0]:.2f} at the end\n')
-  print(f'Matmul peak ({args.peak_size}^2 {args.dtype}): '
+  print(f'Matmul peak ({args.peak_size}^2 {peak_dtype}): '
         + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()) + f' GFLOP/s; best {best:.1f}\n')
   print('| preset | patch | batch | compile s | JAX step s | PyTorch step s | JAX/PyTorch '
         '| PyTorch threads | samples/s | Mvoxel/s | GFLOP/step | JAX GFLOP/s | % of peak '
