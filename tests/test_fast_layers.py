@@ -8,6 +8,7 @@ import pytest
 
 from pixssl_jax.models import conv_ops
 from pixssl_jax.models import group_norm
+from pixssl_jax.models import strided_conv
 from pixssl_jax.models import unet
 
 
@@ -41,11 +42,42 @@ def test_folded_conv_matches_lax_on_odd_sizes():
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     kernel = jax.random.normal(jax.random.PRNGKey(1), (3,) * n + (2, 4))
     for stride in (1, 2):
-      expected = jax.lax.conv_general_dilated(
-          x, kernel, (stride,) * n, 'SAME',
-          dimension_numbers=conv_ops._dimension_numbers(n))  # pylint: disable=protected-access
+      expected = strided_conv.conv(x, kernel, stride)
       np.testing.assert_allclose(conv_ops.conv_folding_first_axis(x, kernel, stride), expected,
                                  rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape,kernel_size,stride', [
+    ((2, 8, 6, 3), 3, 2), ((1, 7, 5, 3), 3, 2), ((1, 9, 8, 2), 3, 3), ((1, 8, 7, 2), 2, 2),
+    ((1, 6, 5, 2), 1, 2), ((1, 11, 10, 2), 5, 3), ((1, 5, 4, 7, 2), 3, 2), ((3, 9, 2), 3, 2)])
+def test_strided_conv_gradients_match_jax(shape, kernel_size, stride):
+  # The phase-form input gradient against JAX's input-dilated one: 1-D to 3-D, even and odd
+  # sizes (other 'SAME' pads), kernels that give phases with no taps (1) or uneven ones.
+  n = len(shape) - 2
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (kernel_size,) * n + (shape[-1], 4))
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.sin(conv(x, kernel, stride)))
+
+  expected = jax.grad(loss, argnums=(1, 2))(strided_conv.conv, x, kernel)
+  got = jax.grad(loss, argnums=(1, 2))(strided_conv.strided_conv, x, kernel)
+  np.testing.assert_allclose(strided_conv.strided_conv(x, kernel, stride),
+                             strided_conv.conv(x, kernel, stride), rtol=1e-6)
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_backward_has_no_input_dilated_convolution():
+  # The point of the phase form: XLA:CPU runs an input-dilated (lhs_dilate) convolution as a
+  # slow loop; the block's compiled backward must not contain one.
+  x = jnp.zeros((1, 8, 8, 8, 4))
+  block = unet.ConvBlock(8, 3, 2, strides=2)
+  params = block.init(jax.random.PRNGKey(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)), argnums=(0, 1)))
+  hlo = grad.lower(params, x).compile().as_text()
+  assert 'convolution(' in hlo
+  assert 'lhs_dilate' not in hlo
 
 
 @pytest.mark.parametrize('shape', [(2, 4, 3, 6), (2, 2, 3, 4, 6)])

@@ -9,8 +9,9 @@ Design choices:
   "conv block", and its gradient has no arg-max scatter, which is cheap on TPU/GPU.
 - Up-sampling by a 2x2(x2) stride-2 transposed convolution followed by skip concatenation.
 - Convolutions come from `conv_ops`, which creates `nn.Conv`/`nn.ConvTranspose`'s parameters
-  but computes the transposed and the 3-D strided convolutions as matrix products (XLA:CPU's
-  convolution backward is slow there; docs/performance.md).
+  but computes the transposed convolution as one matrix product and, on CPU, 3-D convolutions
+  as 2-D ones and strided ones' input gradients by phases (forms XLA:CPU runs much faster;
+  docs/performance.md).
 - `dtype` is the compute dtype (bfloat16 on TPU); parameters are always float32 and norms
   are computed in float32, because group statistics in bfloat16 lose too many bits.
 """
