@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pixssl_jax.models import conv_ops
+from pixssl_jax.models import dense
 from pixssl_jax.models import group_norm
 from pixssl_jax.models import strided_conv
 from pixssl_jax.models import unet
@@ -45,6 +46,19 @@ def test_folded_conv_matches_lax_on_odd_sizes():
       expected = strided_conv.conv(x, kernel, stride)
       np.testing.assert_allclose(conv_ops.conv_folding_first_axis(x, kernel, stride), expected,
                                  rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(6, 5), (2, 4, 3, 5), (2, 3, 4, 2, 5)])
+def test_dense_matches_flax_dense(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ref, new = nn.Dense(7), dense.Dense(7)
+  params = ref.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, new.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               _values_and_grads(ref, params, x), _values_and_grads(new, params, x))
+  y, bias = dense.Dense(7, defer_bias=True).apply(params, x)
+  np.testing.assert_allclose(y + bias, ref.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('shape,kernel_size,stride', [

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixssl_jax.models import dense
 from pixssl_jax.models import strided_conv
 
 
@@ -75,7 +76,7 @@ def conv_transpose_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   cin, cout = kernel.shape[-2:]
   flipped = kernel[(slice(None, None, -1),) * n]  # flipped[a] = kernel[1 - a].
   weights = jnp.moveaxis(flipped, n, 0).reshape(cin, (2 ** n) * cout)
-  y = jnp.dot(x, weights).reshape(*x.shape[:-1], *(2,) * n, cout)
+  y = dense.matmul(x, weights).reshape(*x.shape[:-1], *(2,) * n, cout)
   # [B, S0..Sn-1, a0..an-1, C] -> [B, S0, a0, S1, a1, ..., C] -> [B, 2 S0, ..., C].
   order = [0]
   for axis in range(n):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixssl_jax.models import dense
 from pixssl_jax.models.unet import group_norm_f32
 
 
@@ -107,12 +108,13 @@ class PixelProjector(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Maps `[B, *G, Cin]` to `[B, *G, out]` float32."""
-    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name='conv0')(x)
+    # dense.Dense: nn.Dense's parameters, a kernel gradient XLA:CPU runs without a copy.
+    x, bias = dense.Dense(self.hidden, self.dtype, defer_bias=True, name='conv0')(x)
     if self.norm == 'batch':
-      x = nn.relu(BatchStatsNorm(name='norm')(x))
-    else:
-      x = nn.relu(group_norm_f32(x, self.num_groups, name='norm'))
-    x = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32, name='conv1')(x)
+      x = nn.relu(BatchStatsNorm(name='norm')(x + bias.astype(x.dtype)))
+    else:  # The norm adds the bias (one pass fewer), as in unet.ConvBlock.
+      x = nn.relu(group_norm_f32(x, self.num_groups, name='norm', pre_bias=bias))
+    x = dense.Dense(self.out, self.dtype, name='conv1')(x)
     return x.astype(jnp.float32)
 
 
@@ -168,9 +170,9 @@ class ContextStabilizer(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.conv0 = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32)
+    self.conv0 = dense.Dense(self.hidden_dim, self.dtype)
     self.norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32)
-    self.conv1 = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32)
+    self.conv1 = dense.Dense(self.out, self.dtype)
 
   def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
     """`[B, *G, Cin]` -> the hidden layer before dropout, `[B, *G, hidden_dim]`."""
