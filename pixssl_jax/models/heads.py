@@ -170,9 +170,9 @@ class ContextStabilizer(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.conv0 = dense.Dense(self.hidden_dim, self.dtype)
+    self.conv0 = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32)
     self.norm = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32)
-    self.conv1 = dense.Dense(self.out, self.dtype)
+    self.conv1 = nn.Dense(self.out, dtype=self.dtype, param_dtype=jnp.float32)
 
   def hidden(self, x: jnp.ndarray) -> jnp.ndarray:
     """`[B, *G, Cin]` -> the hidden layer before dropout, `[B, *G, hidden_dim]`."""
