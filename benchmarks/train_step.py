@@ -21,7 +21,8 @@ random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
     forward+backward plus a teacher forward of the same two views;
   * the PyTorch reference step (benchmarks/torch_reference.py, same network, loss, optimizer
     and weights; at its faster thread count, 1 or all cores) and the JAX/PyTorch ratio. JAX K, JAX K=1 and PyTorch steps are
-    timed interleaved, one of each per round, so load from other work hits all three alike;
+    timed interleaved, one of each per round in a rotating order, so load from other work
+    hits all three alike;
   * an assertion that the jitted step compiled once: its jit cache holds one entry after the
     warm-up and after every timed step.
 Prints a markdown table for docs/BENCHMARKS.md. `--no-torch` skips PyTorch (not installed).
@@ -229,10 +230,15 @@ def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
     first[name] = time.perf_counter() - start
   full.assert_compiled_once()
   times = {name: [] for name in runners}
-  for _ in range(steps):
-    for name, run in runners.items():
+  names = list(runners)
+  for round_index in range(steps):
+    # Rotate the order each round, so that no runner always runs right after the same other
+    # one (the K = 8 step used to follow PyTorch's in every round; the uncertainty share,
+    # a difference of two medians, is the number that order biases most).
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
       start = time.perf_counter()
-      run()
+      runners[name]()
       times[name].append(time.perf_counter() - start)
     full.assert_compiled_once()
     single.assert_compiled_once()
