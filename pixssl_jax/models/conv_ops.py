@@ -100,9 +100,10 @@ def spatial_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarra
   """A 'SAME' convolution, channels last; on CPU a strided one's input gradient is by phases.
 
   XLA:CPU runs the input-dilated convolution that JAX makes of a strided convolution's input
-  gradient as a plain loop over the zeros; `strided_conv` computes it without them (5x
-  faster for the demo's first down-sampling layer, 2.2x for 3d64's folded one). Other
-  backends have library kernels for it and keep JAX's gradient.
+  gradient as a plain loop over the zeros; `strided_conv` computes it without them (4.8x
+  faster for the demo's first down-sampling layer, 3x for 3d64's folded one:
+  `benchmarks/layer_forms.py --only strided`). Other backends have library kernels for it
+  and keep JAX's gradient.
   """
   if stride > 1 and jax.default_backend() == 'cpu':
     return strided_conv.strided_conv(x, kernel, stride)
