@@ -9,8 +9,8 @@ split) and `compiled.memory_analysis()` gives the bytes XLA plans: arguments (st
 outputs, temporaries, minus the donated state that outputs reuse. A line through the measured
 points gives the largest per-device batch that fits a 16 GiB and a 32 GiB chip.
 
-The convolutions are planned in the form accelerators run (native 3-D, not the folded one
-`conv_ops` uses on CPU). Caveat: the plans come from XLA:CPU. A TPU compile of the same step schedules, fuses and pads
+The convolutions are planned in the form accelerators run (native 3-D, JAX's strided input
+gradient; not the folded and phase forms `conv_ops` uses on CPU). Caveat: the plans come from XLA:CPU. A TPU compile of the same step schedules, fuses and pads
 differently (bf16 tiles, layout padding of small channel counts), so treat the numbers as a
 proxy and leave headroom; run the same script on the accelerator host for its own plan.
 
@@ -56,8 +56,10 @@ def planned_bytes(config, batch: int) -> dict[str, float]:
   view = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32, sharding=sharding)
   transform = jax.ShapeDtypeStruct((batch, n, n + 1), np.float32, sharding=sharding)
   batch_spec = dict(view1=view, view2=view, transform1=transform, transform2=transform)
-  # Plan the convolutions an accelerator runs (native 3-D), not XLA:CPU's folded form.
+  # Plan the convolutions an accelerator runs (native 3-D, JAX's strided input gradient), not
+  # XLA:CPU's forms.
   conv_ops.fold_first_axis = lambda ndim: False
+  conv_ops.input_gradient_by_phases = lambda: False
   start = time.perf_counter()
   compiled = step_lib.jit_train_step(model, tx, config, mesh).lower(state, batch_spec).compile()
   seconds = time.perf_counter() - start

@@ -105,9 +105,14 @@ def spatial_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarra
   `benchmarks/layer_forms.py --only strided`). Other backends have library kernels for it
   and keep JAX's gradient.
   """
-  if stride > 1 and jax.default_backend() == 'cpu':
+  if stride > 1 and input_gradient_by_phases():
     return strided_conv.strided_conv(x, kernel, stride)
   return strided_conv.conv(x, kernel, stride)
+
+
+def input_gradient_by_phases() -> bool:
+  """Whether `spatial_conv` takes a strided convolution's input gradient by phases: on CPU."""
+  return jax.default_backend() == 'cpu'
 
 
 class Conv(nn.Module):
