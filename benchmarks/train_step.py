@@ -12,9 +12,9 @@ For each preset, on this machine's default JAX devices (one CPU device uses ever
 random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
   * compile time of the jitted train step (lower + compile);
   * median step time, samples/s and voxels/s (both views' input voxels);
-  * achieved GFLOP/s: XLA cost-analysis FLOPs of the step (see `flops_of`) over the median step time,
-    next to the dense float32 matmul peak measured in the same run (the best of XLA, NumPy
-    and PyTorch on a large square matmul);
+  * achieved GFLOP/s: XLA cost-analysis FLOPs of the step (see `flops_of`) over the median
+    step time, next to the dense float32 matmul peak measured in the same run (the best of
+    XLA, NumPy and PyTorch on a large square matmul);
   * the uncertainty cost: step time with K = config.method.mc_samples (8) over K = 1, and
     the share of the step it takes, (t_K - t_1) / t_K;
   * the method overhead: cost-analysis FLOPs of the full step over those of a plain student
