@@ -26,8 +26,8 @@ mkdir -p "$out"
   "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" 2>&1
 } | tee "$out/device.txt"
 torch_flag=""
-if ! "$python" -c "import torch, jax; assert torch.cuda.is_available() or jax.default_backend() == 'cpu'" \
-    >/dev/null 2>&1; then
+cuda_or_cpu="import torch, jax; assert torch.cuda.is_available() or jax.default_backend() == 'cpu'"
+if ! "$python" -c "$cuda_or_cpu" >/dev/null 2>&1; then
   torch_flag="--no-torch"
   echo "no CUDA PyTorch here: JAX only" | tee -a "$out/device.txt"
 fi

@@ -141,9 +141,10 @@ def compare_onednn(reps: int) -> None:
   x, kernel = normal(rng, (16, 128, 128, 16)), normal(rng, (3, 3, 16, 16), 0.1)
   conv = lambda x, w: strided_conv.conv(x, w, 1)
   base_ms, expected = median_ms(conv, x, kernel, reps=reps)
-  onednn = dict(xla_options.compiler_options() or {}, xla_cpu_use_onednn=True,
-                xla_cpu_experimental_onednn_custom_call=True,
-                xla_cpu_experimental_onednn_fusion_type='LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
+  onednn = dict(
+      xla_options.compiler_options() or {}, xla_cpu_use_onednn=True,
+      xla_cpu_experimental_onednn_custom_call=True,
+      xla_cpu_experimental_onednn_fusion_type='LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
   onednn_ms, got = median_ms(conv, x, kernel, reps=reps, options=onednn)
   print(f'2-D convolution [16, 128, 128, 16] 16->16: kept options {base_ms:.1f} ms, with the '
         f'oneDNN options {onednn_ms:.1f} ms (max abs. difference '

@@ -20,9 +20,9 @@ random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
   * the method overhead: cost-analysis FLOPs of the full step over those of a plain student
     forward+backward plus a teacher forward of the same two views;
   * the PyTorch reference step (benchmarks/torch_reference.py, same network, loss, optimizer
-    and weights; at its faster thread count, 1 or all cores) and the JAX/PyTorch ratio. JAX K, JAX K=1 and PyTorch steps are
-    timed interleaved, one of each per round in a rotating order, so load from other work
-    hits all three alike;
+    and weights; at its faster thread count, 1 or all cores) and the JAX/PyTorch ratio. JAX
+    K, JAX K=1 and PyTorch steps are timed interleaved, one of each per round in a rotating
+    order, so load from other work hits all three alike;
   * an assertion that the jitted step compiled once: its jit cache holds one entry after the
     warm-up and after every timed step.
 Prints a markdown table for docs/BENCHMARKS.md. `--no-torch` skips PyTorch (not installed).
