@@ -58,8 +58,7 @@ def planned_bytes(config, batch: int) -> dict[str, float]:
   batch_spec = dict(view1=view, view2=view, transform1=transform, transform2=transform)
   # Plan the convolutions an accelerator runs (native 3-D, JAX's strided input gradient), not
   # XLA:CPU's forms.
-  conv_ops.fold_first_axis = lambda ndim: False
-  conv_ops.input_gradient_by_phases = lambda: False
+  conv_ops.cpu_forms = lambda: False
   start = time.perf_counter()
   compiled = step_lib.jit_train_step(model, tx, config, mesh).lower(state, batch_spec).compile()
   seconds = time.perf_counter() - start

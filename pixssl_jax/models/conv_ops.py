@@ -85,34 +85,38 @@ def conv_transpose_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   return y.reshape(x.shape[0], *(2 * s for s in x.shape[1:-1]), cout)
 
 
+def cpu_forms() -> bool:
+  """Whether the convolutions take the forms only XLA:CPU needs (folded 3-D, phase gradients).
+
+  GPUs and TPUs have library kernels for native 3-D convolutions and for strided input
+  gradients, so they keep the plain forms. One switch for every CPU-only form, so that
+  `benchmarks/memory.py` can plan an accelerator's step by turning it off.
+  """
+  return jax.default_backend() == 'cpu'
+
+
 def fold_first_axis(ndim: int) -> bool:
   """Whether `Conv` computes by `conv_folding_first_axis` (else `spatial_conv`).
 
-  Only on CPU, and only in 3-D. Measured on XLA:CPU (docs/performance.md): folding wins for
-  every 3-D convolution of the U-Net (2.5-3x forward+backward at stride 1, 20x at stride 2)
-  and gives no consistent gain in 2-D. GPUs and TPUs have native 3-D convolutions, and the
-  folded form keeps a 3x larger input for the backward pass, so they keep the plain one.
+  Only with `cpu_forms()`, and only in 3-D. Measured on XLA:CPU (docs/performance.md): folding
+  wins for every 3-D convolution of the U-Net (2.5-3x forward+backward at stride 1, 20x at
+  stride 2) and gives no consistent gain in 2-D. The folded form keeps a 3x larger input for
+  the backward pass, one more reason for accelerators to keep the native one.
   """
-  return ndim == 3 and jax.default_backend() == 'cpu'
+  return ndim == 3 and cpu_forms()
 
 
 def spatial_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """A 'SAME' convolution, channels last; on CPU a strided one's input gradient is by phases.
+  """A 'SAME' convolution, channels last; with `cpu_forms()`, a strided one's gradient by phases.
 
   XLA:CPU runs the input-dilated convolution that JAX makes of a strided convolution's input
   gradient as a plain loop over the zeros; `strided_conv` computes it without them (4.8x
   faster for the demo's first down-sampling layer, 3x for 3d64's folded one:
-  `benchmarks/layer_forms.py --only strided`). Other backends have library kernels for it
-  and keep JAX's gradient.
+  `benchmarks/layer_forms.py --only strided`).
   """
-  if stride > 1 and input_gradient_by_phases():
+  if stride > 1 and cpu_forms():
     return strided_conv.strided_conv(x, kernel, stride)
   return strided_conv.conv(x, kernel, stride)
-
-
-def input_gradient_by_phases() -> bool:
-  """Whether `spatial_conv` takes a strided convolution's input gradient by phases: on CPU."""
-  return jax.default_backend() == 'cpu'
 
 
 class Conv(nn.Module):

@@ -102,8 +102,10 @@ def _forward(x, kernel, stride):
 
 def _backward(stride, residuals, dy):
   x, kernel = residuals
-  _, kernel_vjp = jax.vjp(lambda w: conv(x, w, stride), kernel)
-  return input_gradient(dy, kernel, x.shape, stride), kernel_vjp(dy)[0]
+  # The convolution is linear in the kernel: transposing it gives JAX's kernel gradient
+  # without tracing the forward convolution again (as `jax.vjp` would).
+  kernel_grad, = jax.linear_transpose(lambda w: conv(x, w, stride), kernel)(dy)
+  return input_gradient(dy, kernel, x.shape, stride), kernel_grad
 
 
 strided_conv.defvjp(_forward, _backward)

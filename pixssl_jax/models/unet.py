@@ -46,7 +46,7 @@ def group_norm_f32(x: jnp.ndarray, num_groups: int, name: str | None = None,
   Returns:
     `[B, *S, C]` normalised activations in `x.dtype`.
   """
-  y = group_norm.GroupNorm(num_groups, name=name)(x.astype(jnp.float32), pre_bias)
+  y = group_norm.GroupNorm(num_groups, name=name)(x, pre_bias)  # Computed in float32.
   return y.astype(x.dtype)
 
 
