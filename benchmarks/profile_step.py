@@ -27,8 +27,9 @@ from jax._src.lib import _profile_data  # pylint: disable=g-direct-tensorflow-im
 def source_of_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
   """XLA op name -> (JAX primitive, layer kind, 'forward' | 'backward'), from HLO metadata.
 
-  XLA:CPU runs convolutions, dots and many reductions inside `ynn_fusion`s (YNNPACK), so
-  the op names alone do not say what the time is spent on; each instruction's `op_name`
+  XLA:CPU names its ops after their kind (`ynn_fusion.N` for the reductions it hands to
+  YNNPACK with pixssl_jax.xla_options, `*_fusion.N` for the rest), so the op names alone do
+  not say what the time is spent on; each instruction's `op_name`
   metadata does (e.g. `jit(train_step)/transpose(jvp(PixSSLModel))/backbone/enc0/norm0/
   reduce_sum`). The layer kind is the module name without its index (norm, conv, up, ...).
   A fusion without metadata is named by its fused computation's root (XLA drops the metadata

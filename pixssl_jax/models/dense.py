@@ -4,9 +4,10 @@ Why: for a per-pixel layer `y = x @ W` on `M` pixels, the kernel gradient contra
 `[M, Cin]` input with the `[M, Cout]` output gradient over the pixels. Written as JAX's
 autodiff writes it, `x^T @ dy`, XLA:CPU stored the output gradient of the pixel projector's
 first layer transposed (`[1024, 16384]`) before the product, a strided copy that took 141 ms
-of the 2.9 s 3d64 step. Computing `(dy^T @ x)^T` instead (the same sums, a `[Cout, Cin]`
-result transposed) needs no such copy: the projector's forward+backward went from 481 to
-199 ms (`benchmarks/layer_forms.py --only dense`). Used by the pixel projector and by
+of the 2.9 s 3d64 step (`benchmarks/profile_step.py --preset 3d64`, before this module).
+Computing `(dy^T @ x)^T` instead (the same sums, a `[Cout, Cin]` result transposed) needs no
+such copy: the projector's forward+backward went from 481 to 199 ms
+(`benchmarks/layer_forms.py --only dense`). Used by the pixel projector and by
 `conv_ops.conv_transpose_2x`; the context stabilizer did not gain from it and keeps
 `nn.Dense` (docs/performance.md).
 """
