@@ -1,6 +1,6 @@
 r"""One layer at the U-Net's shapes in the form kept and in the forms tried (issue 7).
 
-  PYTHONPATH=. python benchmarks/layer_forms.py [--only strided,dense,depth_taps,onednn]
+  PYTHONPATH=. python benchmarks/layer_forms.py [--only strided,dense,depth_taps,libraries,onednn]
       [--reps 5]
 
 Each comparison jits both forms with `pixssl_jax.xla_options` (as the train step is compiled),
@@ -13,6 +13,8 @@ checks that they compute the same values, and prints the median time of `--reps`
     concatenated on the channels) against three 2-D convolutions summed (one per depth tap),
     forward and forward+backward; the second wins here but lost 37% in the whole 3d64 step
     (docs/performance.md);
+  * libraries: 2-D convolutions' forward, input gradient and kernel gradient with XLA's
+    default library fusions (YNNPACK) against the kept options (XLA's own Eigen kernels);
   * onednn: a 2-D convolution with XLA:CPU's oneDNN options, to see whether this jaxlib
     routes convolutions to oneDNN (identical outputs and times: it does not).
 Shapes are per step (2 views x batch): demo's full-resolution level is `[16, 128, 128, 16]`.
@@ -36,8 +38,8 @@ from pixssl_jax.models import strided_conv
 
 def median_ms(fn, *args, reps: int, options=None) -> tuple[float, object]:
   """Median milliseconds of a compiled call, and its output."""
-  compiled = jax.jit(fn, compiler_options=options or xla_options.compiler_options()
-                     ).lower(*args).compile()
+  options = xla_options.compiler_options() if options is None else options
+  compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
   out = jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(reps):
@@ -136,6 +138,28 @@ def compare_depth_taps(reps: int) -> None:
           + f' (max rel. difference {difference:.1e})', flush=True)
 
 
+def compare_libraries(reps: int) -> None:
+  """Each convolution's forward, input and kernel gradient: YNNPACK (XLA's default) vs Eigen."""
+  rng = np.random.default_rng(0)
+  xla_default = {}  # No options: XLA's default library fusions.
+  for shape, cout in [((16, 64, 64, 32), 32), ((16, 128, 128, 32), 16),
+                      ((256, 64, 64, 48), 16)]:
+    x, kernel = normal(rng, shape), normal(rng, (3, 3, shape[-1], cout), 0.1)
+    dy = normal(rng, shape[:-1] + (cout,))
+    conv = lambda x, w: strided_conv.conv(x, w, 1)
+    passes = dict(forward=conv,
+                  input_grad=lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
+                  kernel_grad=lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+    cells = []
+    for name, fn in passes.items():
+      args = (x, kernel) if name == 'forward' else (x, kernel, dy)
+      times = [median_ms(fn, *args, reps=reps, options=options)[0]
+               for options in (xla_default, xla_options.compiler_options())]
+      cells.append(f'{name} {times[0]:.1f} / {times[1]:.1f} ms')
+    print(f'2-D convolution {shape} -> {cout}, XLA default (YNNPACK) / kept options (Eigen): '
+          + ', '.join(cells), flush=True)
+
+
 def compare_onednn(reps: int) -> None:
   rng = np.random.default_rng(0)
   x, kernel = normal(rng, (16, 128, 128, 16)), normal(rng, (3, 3, 16, 16), 0.1)
@@ -154,11 +178,12 @@ def compare_onednn(reps: int) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--only', default='strided,dense,depth_taps,onednn')
+  parser.add_argument('--only', default='strided,dense,depth_taps,libraries,onednn')
   parser.add_argument('--reps', type=int, default=5)
   args = parser.parse_args()
   comparisons = dict(strided=compare_strided, dense=compare_dense,
-                     depth_taps=compare_depth_taps, onednn=compare_onednn)
+                     depth_taps=compare_depth_taps, libraries=compare_libraries,
+                     onednn=compare_onednn)
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, XLA options '
         f'{xla_options.compiler_options()}', flush=True)
   for name in args.only.split(','):
