@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pixssl_jax.models import dense
+from pixssl_jax.models import dropout_bits
 from pixssl_jax.models.unet import group_norm_f32
 
 
@@ -121,10 +122,11 @@ class PixelProjector(nn.Module):
 def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array) -> jnp.ndarray:
   """An inverted-dropout multiplier drawing 8 random bits per element instead of 32.
 
-  On CPU the threefry bits of a standard dropout mask dominated the K-sample stabilizer (one
-  32-bit draw per element); one 32-bit draw here gives four 8-bit keep tests, so the drop
-  probability is `rate` rounded to a multiple of 1/256. The bits come from `jax.random.bits`,
-  so the mask does not depend on how the array is sharded.
+  On CPU the random bits of a standard dropout mask dominated the K-sample stabilizer (one
+  32-bit draw per element); one 32-bit word here gives four 8-bit keep tests, so the drop
+  probability is `rate` rounded to a multiple of 1/256. The words come from
+  `dropout_bits.hashed_bits` (a counter hash keyed by threefry, cheaper than threefry itself),
+  so the mask depends only on the key and the shape, not on how the array is sharded.
 
   Args:
     shape: `[..., C]` shape of the activations.
@@ -139,7 +141,7 @@ def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array) -> jnp.nd
     return jnp.ones(shape, jnp.float32)
   channels = shape[-1]
   words = -(-channels // 4)
-  bits = jax.random.bits(key, tuple(shape[:-1]) + (words,), jnp.uint32)
+  bits = dropout_bits.hashed_bits(key, tuple(shape[:-1]) + (words,))
   draws = jax.lax.bitcast_convert_type(bits, jnp.uint8).reshape(tuple(shape[:-1]) + (4 * words,))
   keep = draws[..., :channels] >= threshold
   return jnp.where(keep, 256.0 / (256 - threshold), 0.0).astype(jnp.float32)
