@@ -36,16 +36,26 @@ def test_conv_matches_flax_conv(shape, stride):
                expected, new_out)
 
 
-def test_folded_conv_matches_lax_on_odd_sizes():
-  # The folded path itself, also on odd sizes (other 'SAME' pads) and in 2-D (1-D inner conv).
-  for shape in ((1, 5, 7, 2), (1, 5, 4, 3, 2)):
-    n = len(shape) - 2
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3,) * n + (2, 4))
-    for stride in (1, 2):
-      expected = strided_conv.conv(x, kernel, stride)
-      np.testing.assert_allclose(conv_ops.conv_folding_first_axis(x, kernel, stride), expected,
-                                 rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('shape,kernel_size', [
+    ((1, 5, 7, 2), 3), ((1, 5, 4, 3, 2), 3), ((2, 6, 5, 4, 3), 3), ((1, 7, 6, 5, 2), 5),
+    ((2, 4, 4, 4, 3), 1)])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_folded_conv_and_its_gradients_match_lax(shape, kernel_size, stride):
+  # The folded path itself and its gradients, on odd sizes (other 'SAME' pads), kernels 1-5
+  # and in 2-D (a 1-D inner convolution).
+  n = len(shape) - 2
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (kernel_size,) * n + (shape[-1], 4))
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.sin(conv(x, kernel, stride)))
+
+  np.testing.assert_allclose(conv_ops.conv_folding_first_axis(x, kernel, stride),
+                             strided_conv.conv(x, kernel, stride), rtol=1e-5, atol=1e-5)
+  expected = jax.grad(loss, argnums=(1, 2))(strided_conv.conv, x, kernel)
+  got = jax.grad(loss, argnums=(1, 2))(conv_ops.conv_folding_first_axis, x, kernel)
+  for e, g in zip(expected, got):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(e))))
 
 
 @pytest.mark.parametrize('shape', [(6, 5), (2, 4, 3, 5), (2, 3, 4, 2, 5)])
