@@ -10,6 +10,7 @@ compile, so it is tried once on a tiny function first.
 """
 
 import functools
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -31,3 +32,25 @@ def compiler_options() -> dict[str, str] | None:
                     _CPU_OPTIONS, error)
     return None
   return dict(_CPU_OPTIONS)
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)`, built at the first call.
+
+  For module-level jitted functions (decorators): the options depend on the backend, which
+  importing a module must not initialise. The result has `lower` too, like a jitted function.
+  """
+  jitted = None
+
+  def get() -> Any:
+    nonlocal jitted
+    if jitted is None:
+      jitted = jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+    return jitted
+
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    return get()(*args, **kwargs)
+
+  call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
+  return call

@@ -23,3 +23,25 @@ def test_unknown_option_falls_back_to_defaults(monkeypatch, caplog):
   finally:
     xla_options.compiler_options.cache_clear()
   assert 'xla_cpu_no_such_option' in caplog.text
+
+
+def _conv(x, w):
+  return 2 * jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_in_library_fusion(hlo: str) -> bool:
+  return any(line.lstrip().startswith('%ynn_fusion') and 'conv_general_dilated' in line
+             for line in hlo.splitlines())
+
+
+def test_jit_helper_compiles_with_the_options_at_first_call():
+  # Module-level jitted functions (analysis.features) get the options too: XLA's default
+  # hands this convolution to YNNPACK, the options keep it in XLA's own (faster) one.
+  xla_options.compiler_options.cache_clear()
+  x, w = jnp.ones((16, 64, 64, 32)), jnp.ones((3, 3, 32, 32))  # YNNPACK takes large ones.
+  assert _conv_in_library_fusion(jax.jit(_conv).lower(x, w).compile().as_text())
+  helper = xla_options.jit(_conv)
+  assert not _conv_in_library_fusion(helper.lower(x, w).compile().as_text())
+  assert helper.__name__ == '_conv'
+  assert jnp.array_equal(helper(x, w), jax.jit(_conv)(x, w))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pixssl_jax import xla_options
 from pixssl_jax.analysis.runs import Run
 from pixssl_jax.data import intensity
 from pixssl_jax.data import nifti_io
@@ -91,7 +92,7 @@ def feature_stride(run: Run, level: int | None = None) -> int:
   return 2 ** level
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'level'))
+@functools.partial(xla_options.jit, static_argnames=('model', 'level'))
 def _encode_windows(params, x: jax.Array, *, model: PixSSLModel, level: int | None):
   """`[B, *P, 1]` windows -> `[B, *P / stride, C]` pixel projections or decoder features."""
   if level is None:
@@ -179,7 +180,7 @@ def encode(run: Run, volume, *, params: Any = None, level: int | None = None,
   return np.stack([window(array[:, :, k]) for k in slices], axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'mc_samples'))
+@functools.partial(xla_options.jit, static_argnames=('model', 'mc_samples'))
 def _mc_uncertainty(params, pixel_proj: jax.Array, key: jax.Array, *, model: PixSSLModel,
                     mc_samples: int) -> jax.Array:
   return objective.stabilized_prediction(
@@ -275,7 +276,7 @@ class PairAnalysis:
   discrepancy: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'method_cfg'))
+@functools.partial(xla_options.jit, static_argnames=('model', 'method_cfg'))
 def _pair_forward(student_params, teacher_params, batch, key, *, model: PixSSLModel,
                   method_cfg: ml_collections.FrozenConfigDict):
   views_ = jnp.concatenate([batch['view1'], batch['view2']], axis=0)

@@ -104,4 +104,4 @@ def jit_pixel_maps(model: nn.Module, config: ml_collections.ConfigDict,
 
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(maps, in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
-                 out_shardings=replicated)
+                 out_shardings=replicated, compiler_options=xla_options.compiler_options())
