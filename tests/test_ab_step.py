@@ -1,0 +1,27 @@
+"""benchmarks/ab_step.py: its variant really swaps the code, and the comparison runs both."""
+
+import jax
+import numpy as np
+
+from benchmarks import ab_step
+from benchmarks import train_step as bench
+from pixssl_jax.models import dropout_bits
+from pixssl_jax.models.heads import dropout_scale
+
+
+def test_threefry_variant_swaps_the_dropout_bits_and_restores_them():
+  key, shape = jax.random.key(0), (2, 4, 4, 8)
+  current = np.asarray(dropout_scale(shape, 0.5, key))
+  with ab_step.VARIANTS['threefry_bits']():
+    patched = np.asarray(dropout_scale(shape, 0.5, key))
+    np.testing.assert_array_equal(np.asarray(dropout_bits.hashed_bits(key, (3,))),
+                                  np.asarray(jax.random.bits(key, (3,))))
+  assert not np.array_equal(current, patched)
+  np.testing.assert_array_equal(np.asarray(dropout_scale(shape, 0.5, key)), current)
+
+
+def test_compare_times_both_forms():
+  mesh = bench.mesh_lib.make_data_mesh(jax.devices()[:1])
+  row = ab_step.compare(bench.preset_config('tiny'), mesh, 'threefry_bits', rounds=2)
+  assert row['current_s'] > 0 and row['variant_s'] > 0
+  np.testing.assert_allclose(row['ratio'], row['current_s'] / row['variant_s'])
