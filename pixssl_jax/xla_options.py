@@ -1,4 +1,4 @@
-"""XLA compiler options for the heavy jitted functions (train steps, inference).
+"""XLA compiler options for the heavy jitted functions (train steps, inference, analysis).
 
 Why: on CPU, XLA (jaxlib 0.10) hands convolutions, dots, reductions and elementwise fusions to
 the YNNPACK library by default. For this U-Net's shapes its convolutions ran up to 2x slower
