@@ -19,6 +19,18 @@ def _values_and_grads(module, params, x):
   return module.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
 
 
+def _conv_case(shape, kernel_size):
+  """Random `x` of `shape` `[B, *S, Cin]` and a random `[k, ..., k, Cin, 4]` kernel."""
+  n = len(shape) - 2
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  return x, jax.random.normal(jax.random.PRNGKey(1), (kernel_size,) * n + (shape[-1], 4))
+
+
+def _conv_grads(conv, x, kernel, stride):
+  """Gradients of `sum(sin(conv(x, kernel, stride)))` with respect to `x` and `kernel`."""
+  return jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride))), argnums=(0, 1))(x, kernel)
+
+
 @pytest.mark.parametrize('shape,stride', [((2, 8, 6, 3), 1), ((2, 8, 6, 3), 2),
                                           ((2, 4, 6, 8, 3), 1), ((2, 4, 6, 8, 3), 2),
                                           ((1, 5, 7, 3), 2)])
@@ -43,17 +55,11 @@ def test_conv_matches_flax_conv(shape, stride):
 def test_folded_conv_and_its_gradients_match_lax(shape, kernel_size, stride):
   # The folded path itself and its gradients, on odd sizes (other 'SAME' pads), kernels 1-5
   # and in 2-D (a 1-D inner convolution).
-  n = len(shape) - 2
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (kernel_size,) * n + (shape[-1], 4))
-
-  def loss(conv, x, kernel):
-    return jnp.sum(jnp.sin(conv(x, kernel, stride)))
-
+  x, kernel = _conv_case(shape, kernel_size)
   np.testing.assert_allclose(conv_ops.conv_folding_first_axis(x, kernel, stride),
                              strided_conv.conv(x, kernel, stride), rtol=1e-5, atol=1e-5)
-  expected = jax.grad(loss, argnums=(1, 2))(strided_conv.conv, x, kernel)
-  got = jax.grad(loss, argnums=(1, 2))(conv_ops.conv_folding_first_axis, x, kernel)
+  expected = _conv_grads(strided_conv.conv, x, kernel, stride)
+  got = _conv_grads(conv_ops.conv_folding_first_axis, x, kernel, stride)
   for e, g in zip(expected, got):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(e))))
 
@@ -77,15 +83,9 @@ def test_dense_matches_flax_dense(shape):
 def test_strided_conv_gradients_match_jax(shape, kernel_size, stride):
   # The phase-form input gradient against JAX's input-dilated one: 1-D to 3-D, even and odd
   # sizes (other 'SAME' pads), kernels that give phases with no taps (1) or uneven ones.
-  n = len(shape) - 2
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (kernel_size,) * n + (shape[-1], 4))
-
-  def loss(conv, x, kernel):
-    return jnp.sum(jnp.sin(conv(x, kernel, stride)))
-
-  expected = jax.grad(loss, argnums=(1, 2))(strided_conv.conv, x, kernel)
-  got = jax.grad(loss, argnums=(1, 2))(strided_conv.strided_conv, x, kernel)
+  x, kernel = _conv_case(shape, kernel_size)
+  expected = _conv_grads(strided_conv.conv, x, kernel, stride)
+  got = _conv_grads(strided_conv.strided_conv, x, kernel, stride)
   np.testing.assert_allclose(strided_conv.strided_conv(x, kernel, stride),
                              strided_conv.conv(x, kernel, stride), rtol=1e-6)
   for a, b in zip(expected, got):
