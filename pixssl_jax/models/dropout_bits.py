@@ -39,13 +39,7 @@ def hashed_bits(key: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
     raise ValueError(f'hashed_bits: shape {shape} has more than 2^32 elements, so flat indices '
                      'would repeat (and so would the bits)')
   seed = jax.random.bits(key, (2,), jnp.uint32)
-  # The flat index as a sum of per-axis iotas: each axis keeps its own iota, so a sharded
-  # consumer gets its slice of the counter without a reshape of a 1-D iota.
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
-    stride *= shape[axis]
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   x = (index * jnp.uint32(_GOLDEN) + seed[0]) ^ seed[1]
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
