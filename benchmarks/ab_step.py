@@ -12,17 +12,22 @@ of their medians is the change's effect.
 Variants:
   * threefry_bits: the dropout masks' bits from `jax.random.bits` (threefry) instead of
     `models/dropout_bits.hashed_bits`, the form before 2026-11-26 (session 6).
+  * ynn_convolutions: XLA:CPU hands the convolutions to YNNPACK too, not only the reductions
+    (`pixssl_jax/xla_options.py`).
+  * serial_scheduler: `xla_cpu_enable_concurrency_optimized_scheduler` off (XLA:CPU's
+    scheduler then does not try to run independent ops side by side).
 """
 
 import argparse
 import contextlib
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import train_step as bench
+from pixssl_jax import xla_options
 from pixssl_jax.models import dropout_bits
 
 
@@ -36,7 +41,32 @@ def _threefry_bits():
     dropout_bits.hashed_bits = hashed
 
 
-VARIANTS = {'threefry_bits': _threefry_bits}
+@contextlib.contextmanager
+def _cpu_options(**extra):
+  """Compiles with `extra` added to xla_options' CPU options; an error if this jaxlib rejects it.
+
+  (xla_options would fall back to XLA's defaults, and the A/B would measure those instead.)
+  """
+  saved = xla_options._CPU_OPTIONS  # pylint: disable=protected-access
+  xla_options._CPU_OPTIONS = {**saved, **extra}  # pylint: disable=protected-access
+  xla_options.compiler_options.cache_clear()
+  try:
+    if xla_options.compiler_options() is None:
+      raise ValueError(f'this jaxlib rejects the XLA:CPU options {extra}')
+    yield
+  finally:
+    xla_options._CPU_OPTIONS = saved  # pylint: disable=protected-access
+    xla_options.compiler_options.cache_clear()
+
+
+VARIANTS = {
+    'threefry_bits': _threefry_bits,
+    'ynn_convolutions': functools.partial(
+        _cpu_options, xla_cpu_experimental_ynn_fusion_type=(
+            'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')),
+    'serial_scheduler': functools.partial(
+        _cpu_options, xla_cpu_enable_concurrency_optimized_scheduler=False),
+}
 
 
 def compare(config, mesh, variant: str, rounds: int) -> dict[str, float]:
@@ -46,15 +76,12 @@ def compare(config, mesh, variant: str, rounds: int) -> dict[str, float]:
   with VARIANTS[variant]():
     patched = bench.JaxStep(config, mesh)
     patched()
-  times = {'current': [], variant: []}
-  runners = [('current', current), (variant, patched)]
-  for round_index in range(rounds):
-    for name, step in runners if round_index % 2 == 0 else runners[::-1]:
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
+
+  def check():
     current.assert_compiled_once()
     patched.assert_compiled_once()
+  times = bench.interleaved_seconds({'current': current, variant: patched}, rounds,
+                                    after_round=check)
   median = {name: statistics.median(t) for name, t in times.items()}
   return dict(current_s=median['current'], variant_s=median[variant],
               ratio=median['current'] / median[variant])

@@ -34,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +207,27 @@ def pick_torch_threads(run) -> int:
   return best
 
 
+def interleaved_seconds(runners: dict[str, Callable[[], Any]], rounds: int,
+                        after_round: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+  """Seconds of each runner's steps, one step of each per round in an order that rotates.
+
+  Rotating the order each round means no runner always runs right after the same other one
+  (the K = 8 step used to follow PyTorch's in every round; the uncertainty share, a difference
+  of two medians, is the number that order biases most), and load from other work hits all
+  runners alike. With two runners the rounds go A B, B A, A B, ...
+  """
+  times = {name: [] for name in runners}
+  names = list(runners)
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      runners[name]()
+      times[name].append(time.perf_counter() - start)
+    after_round()
+  return times
+
+
 def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
   """Everything one table row needs; JAX K, JAX K=1 and PyTorch steps timed interleaved."""
   k = int(config.method.mc_samples)
@@ -232,19 +254,10 @@ def time_preset(config, mesh, steps: int, with_torch: bool) -> dict[str, float]:
     run()
     first[name] = time.perf_counter() - start
   full.assert_compiled_once()
-  times = {name: [] for name in runners}
-  names = list(runners)
-  for round_index in range(steps):
-    # Rotate the order each round, so that no runner always runs right after the same other
-    # one (the K = 8 step used to follow PyTorch's in every round; the uncertainty share,
-    # a difference of two medians, is the number that order biases most).
-    shift = round_index % len(names)
-    for name in names[shift:] + names[:shift]:
-      start = time.perf_counter()
-      runners[name]()
-      times[name].append(time.perf_counter() - start)
+  def check():
     full.assert_compiled_once()
     single.assert_compiled_once()
+  times = interleaved_seconds(runners, steps, after_round=check)
   median = {name: statistics.median(t) for name, t in times.items()}
   patch = tuple(config.data.patch_size)
   row = dict(

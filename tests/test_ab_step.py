@@ -2,9 +2,11 @@
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import ab_step
 from benchmarks import train_step as bench
+from pixssl_jax import xla_options
 from pixssl_jax.models import dropout_bits
 from pixssl_jax.models.heads import dropout_scale
 
@@ -25,3 +27,17 @@ def test_compare_times_both_forms():
   row = ab_step.compare(bench.preset_config('tiny'), mesh, 'threefry_bits', rounds=2)
   assert row['current_s'] > 0 and row['variant_s'] > 0
   np.testing.assert_allclose(row['ratio'], row['current_s'] / row['variant_s'])
+
+
+def test_option_variants_compile_with_their_options_and_restore_them():
+  xla_options.compiler_options.cache_clear()
+  before = xla_options.compiler_options()
+  with ab_step.VARIANTS['serial_scheduler']():
+    assert xla_options.compiler_options() == {
+        **before, 'xla_cpu_enable_concurrency_optimized_scheduler': False}
+  assert xla_options.compiler_options() == before
+  # An option this jaxlib rejects is an error, not a silent run on XLA's defaults.
+  with pytest.raises(ValueError, match='xla_cpu_no_such_option'):
+    with ab_step._cpu_options(xla_cpu_no_such_option='x'):  # pylint: disable=protected-access
+      pass
+  assert xla_options.compiler_options() == before
