@@ -16,6 +16,15 @@ Variants:
     (`pixssl_jax/xla_options.py`).
   * serial_scheduler: `xla_cpu_enable_concurrency_optimized_scheduler` off (XLA:CPU's
     scheduler then does not try to run independent ops side by side).
+  * Other forms of the stride-1 folded 3-D convolution (`conv_ops.conv_folding_first_axis`,
+    tried and dropped, docs/performance.md "session 7"): depth_taps_shared (one 2-D
+    convolution per depth tap over the whole depth-padded input, the outputs shifted and
+    summed: no slab), taps_on_outputs (the same as one 2-D convolution to `3 Cout` channels),
+    two_output_slices (where `Cout <= 16`: two output depth slices per fold from four input
+    slices, `[4 Cin] -> [2 Cout]` with zero blocks in the kernel, a third more FLOPs).
+  * no_kernel_grad: NOT a correct step, an attribution: the 3-D convolutions' kernels under
+    `stop_gradient`, so the ratio says what their kernel gradients (and the transposed copies
+    XLA:CPU makes for them) cost.
 """
 
 import argparse
@@ -25,9 +34,11 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from benchmarks import train_step as bench
 from pixssl_jax import xla_options
+from pixssl_jax.models import conv_ops
 from pixssl_jax.models import dropout_bits
 
 
@@ -59,6 +70,63 @@ def _cpu_options(**extra):
     xla_options.compiler_options.cache_clear()
 
 
+_FOLDED = conv_ops.conv_folding_first_axis
+
+
+@contextlib.contextmanager
+def _conv_form(form):
+  """`Conv` computes its 3-D convolutions by `form(x, kernel, stride)` instead."""
+  conv_ops.conv_folding_first_axis = form
+  try:
+    yield
+  finally:
+    conv_ops.conv_folding_first_axis = _FOLDED
+
+
+def _pad_depth(x):
+  """`[B, D, *S, C]` -> `[B, D + 2, *S, C]`: a zero depth slice on either side."""
+  return jnp.pad(x, ((0, 0), (1, 1)) + ((0, 0),) * (x.ndim - 2))
+
+
+def _depth_taps_shared(x, kernel, stride=1):
+  if stride != 1:
+    return _FOLDED(x, kernel, stride)
+  (batch, depth), flat = x.shape[:2], _pad_depth(x).reshape(-1, *x.shape[2:])
+  outputs = [conv_ops.spatial_conv(flat, kernel[t], 1) for t in range(3)]
+  return sum(z.reshape(batch, depth + 2, *z.shape[1:])[:, t:t + depth]
+             for t, z in enumerate(outputs))
+
+
+def _taps_on_outputs(x, kernel, stride=1):
+  if stride != 1:
+    return _FOLDED(x, kernel, stride)
+  (batch, depth), (cin, cout) = x.shape[:2], kernel.shape[-2:]
+  weights = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-2], cin, 3 * cout)
+  z = conv_ops.spatial_conv(_pad_depth(x).reshape(-1, *x.shape[2:]), weights, 1)
+  z = z.reshape(batch, depth + 2, *x.shape[2:-1], 3, cout)
+  return sum(z[:, t:t + depth, ..., t, :] for t in range(3))
+
+
+def _two_output_slices(x, kernel, stride=1):
+  (batch, depth), (cin, cout) = x.shape[:2], kernel.shape[-2:]
+  if stride != 1 or cout > 16 or depth % 2:
+    return _FOLDED(x, kernel, stride)
+  padded = _pad_depth(x)
+  taps = [lax.slice_in_dim(padded, t, t + depth - 1, 2, axis=1) for t in range(4)]
+  slab = jnp.concatenate(taps, axis=-1).reshape(-1, *x.shape[2:-1], 4 * cin)
+  zero = jnp.zeros_like(kernel[0])
+  # Output slice s (of each pair) reads input taps s .. s + 2 of the four.
+  weights = jnp.concatenate(
+      [jnp.concatenate([kernel[t - s] if 0 <= t - s <= 2 else zero for t in range(4)], axis=-2)
+       for s in range(2)], axis=-1)
+  y = conv_ops.spatial_conv(slab, weights, 1).reshape(batch, depth // 2, *x.shape[2:-1], 2, cout)
+  return jnp.moveaxis(y, -2, 2).reshape(*x.shape[:-1], cout)
+
+
+def _no_kernel_grad(x, kernel, stride=1):
+  return _FOLDED(x, lax.stop_gradient(kernel), stride)
+
+
 VARIANTS = {
     'threefry_bits': _threefry_bits,
     'ynn_convolutions': functools.partial(
@@ -66,6 +134,10 @@ VARIANTS = {
             'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')),
     'serial_scheduler': functools.partial(
         _cpu_options, xla_cpu_enable_concurrency_optimized_scheduler=False),
+    'depth_taps_shared': functools.partial(_conv_form, _depth_taps_shared),
+    'taps_on_outputs': functools.partial(_conv_form, _taps_on_outputs),
+    'two_output_slices': functools.partial(_conv_form, _two_output_slices),
+    'no_kernel_grad': functools.partial(_conv_form, _no_kernel_grad),
 }
 
 

@@ -1,12 +1,14 @@
 """benchmarks/ab_step.py: its variant really swaps the code, and the comparison runs both."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks import ab_step
 from benchmarks import train_step as bench
 from pixssl_jax import xla_options
+from pixssl_jax.models import conv_ops
 from pixssl_jax.models import dropout_bits
 from pixssl_jax.models.heads import dropout_scale
 
@@ -41,3 +43,31 @@ def test_option_variants_compile_with_their_options_and_restore_them():
     with ab_step._cpu_options(xla_cpu_no_such_option='x'):  # pylint: disable=protected-access
       pass
   assert xla_options.compiler_options() == before
+
+
+@pytest.mark.parametrize('variant', ['depth_taps_shared', 'taps_on_outputs', 'two_output_slices'])
+@pytest.mark.parametrize('stride, cout', [(1, 4), (1, 24), (2, 4)])
+def test_conv_form_variants_compute_the_same_convolution_and_restore_it(variant, stride, cout):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 7, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, cout)), jnp.float32)
+  folded = conv_ops.conv_folding_first_axis
+  expected = folded(x, kernel, stride)
+  with ab_step.VARIANTS[variant]():
+    assert conv_ops.conv_folding_first_axis is not folded
+    got = conv_ops.conv_folding_first_axis(x, kernel, stride)
+  assert conv_ops.conv_folding_first_axis is folded
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_kernel_grad_variant_stops_only_the_kernel_gradient():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 4, 4, 4, 2)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 2)), jnp.float32)
+  loss = lambda x, k: jnp.sum(conv_ops.conv_folding_first_axis(x, k) ** 2)
+  dx, dk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  with ab_step.VARIANTS['no_kernel_grad']():
+    dx_stopped, dk_stopped = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  assert float(jnp.abs(dk).max()) > 0 and float(jnp.abs(dk_stopped).max()) == 0
+  np.testing.assert_allclose(dx_stopped, dx, rtol=1e-6)
