@@ -22,6 +22,8 @@ Variants:
     summed: no slab), taps_on_outputs (the same as one 2-D convolution to `3 Cout` channels),
     two_output_slices (where `Cout <= 16`: two output depth slices per fold from four input
     slices, `[4 Cin] -> [2 Cout]` with zero blocks in the kernel, a third more FLOPs).
+  * chunked_kernel_grad: the folded convolutions' kernel gradients as sums over 16 chunks of
+    the folded batch (`layer_forms.py --only kernel_grad` times one layer).
   * no_kernel_grad: NOT a correct step, an attribution: the 3-D convolutions' kernels under
     `stop_gradient`, so the ratio says what their kernel gradients (and the transposed copies
     XLA:CPU makes for them) cost.
@@ -71,6 +73,7 @@ def _cpu_options(**extra):
 
 
 _FOLDED = conv_ops.conv_folding_first_axis
+_SPATIAL = conv_ops.spatial_conv
 
 
 @contextlib.contextmanager
@@ -123,6 +126,36 @@ def _two_output_slices(x, kernel, stride=1):
   return jnp.moveaxis(y, -2, 2).reshape(*x.shape[:-1], cout)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_chunked_kernel_grad(x, kernel, stride):
+  return _SPATIAL(x, kernel, stride)
+
+
+def _chunked_forward(x, kernel, stride):
+  return _SPATIAL(x, kernel, stride), (x, kernel)
+
+
+def _chunked_backward(stride, residuals, dy, chunks=16):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _SPATIAL(x, kernel, stride), x)[1](dy)[0]
+  chunks = chunks if x.shape[0] % chunks == 0 else 1
+  xs, dys = (a.reshape(chunks, -1, *a.shape[1:]) for a in (x, dy))
+  dkernel = sum(jax.vjp(lambda k, i=i: _SPATIAL(xs[i], k, stride), kernel)[1](dys[i])[0]
+                for i in range(chunks))
+  return dx, dkernel
+
+
+_conv_chunked_kernel_grad.defvjp(_chunked_forward, _chunked_backward)
+
+
+def _chunked_kernel_grad(x, kernel, stride=1):
+  conv_ops.spatial_conv = _conv_chunked_kernel_grad  # _FOLDED looks it up in conv_ops.
+  try:
+    return _FOLDED(x, kernel, stride)
+  finally:
+    conv_ops.spatial_conv = _SPATIAL
+
+
 def _no_kernel_grad(x, kernel, stride=1):
   return _FOLDED(x, lax.stop_gradient(kernel), stride)
 
@@ -137,6 +170,7 @@ VARIANTS = {
     'depth_taps_shared': functools.partial(_conv_form, _depth_taps_shared),
     'taps_on_outputs': functools.partial(_conv_form, _taps_on_outputs),
     'two_output_slices': functools.partial(_conv_form, _two_output_slices),
+    'chunked_kernel_grad': functools.partial(_conv_form, _chunked_kernel_grad),
     'no_kernel_grad': functools.partial(_conv_form, _no_kernel_grad),
 }
 

@@ -1,7 +1,7 @@
 r"""One layer at the U-Net's shapes in the form kept and in the forms tried (issue 7).
 
-  PYTHONPATH=. python benchmarks/layer_forms.py [--only strided,dense,depth_taps,libraries,onednn]
-      [--reps 5]
+  PYTHONPATH=. python benchmarks/layer_forms.py
+      [--only strided,dense,depth_taps,libraries,onednn,kernel_grad] [--reps 5]
 
 Each comparison jits both forms with `pixssl_jax.xla_options` (as the train step is compiled),
 checks that they compute the same values, and prints the median time of `--reps` calls:
@@ -16,7 +16,10 @@ checks that they compute the same values, and prints the median time of `--reps`
   * libraries: 2-D convolutions' forward, input gradient and kernel gradient with XLA's
     default library fusions (YNNPACK) against the kept options (XLA's own Eigen kernels);
   * onednn: a 2-D convolution with XLA:CPU's oneDNN options, to see whether this jaxlib
-    routes convolutions to oneDNN (identical outputs and times: it does not).
+    routes convolutions to oneDNN (identical outputs and times: it does not);
+  * kernel_grad: a 2-D convolution's forward against its kernel gradient (the same FLOPs), in
+    GFLOP/s, and the kernel gradient as a sum over 16 chunks of the batch, at the folded 3-D
+    slabs of 3d64's and btcv_3d's full-resolution level and at demo's.
 Shapes are per step (2 views x batch): demo's full-resolution level is `[16, 128, 128, 16]`.
 """
 
@@ -176,14 +179,38 @@ def compare_onednn(reps: int) -> None:
         flush=True)
 
 
+def compare_kernel_gradient(reps: int) -> None:
+  rng = np.random.default_rng(0)
+  conv = lambda x, w: strided_conv.conv(x, w, 1)
+  kernel_grad = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+
+  def chunked(x, w, dy, chunks=16):
+    xs, dys = (a.reshape(chunks, -1, *a.shape[1:]) for a in (x, dy))
+    return sum(kernel_grad(xs[i], w, dys[i]) for i in range(chunks))
+
+  for shape, cout in [((256, 64, 64, 48), 16), ((256, 64, 64, 96), 16),
+                      ((192, 96, 96, 96), 32), ((16, 128, 128, 16), 16)]:
+    x, kernel = normal(rng, shape), normal(rng, (3, 3, shape[-1], cout), 0.1)
+    dy = normal(rng, shape[:-1] + (cout,))
+    gflop = 2 * np.prod(shape) * 9 * cout / 1e9
+    forward_ms, _ = median_ms(conv, x, kernel, reps=reps)
+    grad_ms, grad = median_ms(kernel_grad, x, kernel, dy, reps=reps)
+    chunked_ms, chunked_grad = median_ms(chunked, x, kernel, dy, reps=reps)
+    print(f'2-D convolution {shape} -> {cout}: forward {forward_ms:.0f} ms '
+          f'({1e3 * gflop / forward_ms:.0f} GFLOP/s), kernel gradient {grad_ms:.0f} ms '
+          f'({1e3 * gflop / grad_ms:.0f} GFLOP/s), in 16 chunks {chunked_ms:.0f} ms (max rel. '
+          f'difference {max_relative_difference(grad, chunked_grad):.1e})', flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--only', default='strided,dense,depth_taps,libraries,onednn')
+  parser.add_argument('--only',
+                      default='strided,dense,depth_taps,libraries,onednn,kernel_grad')
   parser.add_argument('--reps', type=int, default=5)
   args = parser.parse_args()
   comparisons = dict(strided=compare_strided, dense=compare_dense,
                      depth_taps=compare_depth_taps, libraries=compare_libraries,
-                     onednn=compare_onednn)
+                     onednn=compare_onednn, kernel_grad=compare_kernel_gradient)
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}, XLA options '
         f'{xla_options.compiler_options()}', flush=True)
   for name in args.only.split(','):

@@ -61,6 +61,20 @@ def test_conv_form_variants_compute_the_same_convolution_and_restore_it(variant,
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('stride', [1, 2])
+def test_chunked_kernel_grad_variant_gives_the_same_gradients(stride):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 16, 6, 5, 3)), jnp.float32)  # 32 (or 16) folded slices.
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
+  loss = lambda x, k: jnp.sum(jnp.sin(conv_ops.conv_folding_first_axis(x, k, stride)))
+  expected = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  with ab_step.VARIANTS['chunked_kernel_grad']():
+    got = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  assert conv_ops.spatial_conv is ab_step._SPATIAL  # pylint: disable=protected-access
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_no_kernel_grad_variant_stops_only_the_kernel_gradient():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(1, 4, 4, 4, 2)), jnp.float32)
