@@ -24,9 +24,9 @@ Variants:
     slices, `[4 Cin] -> [2 Cout]` with zero blocks in the kernel, a third more FLOPs).
   * chunked_kernel_grad: the folded convolutions' kernel gradients as sums over 16 chunks of
     the folded batch (`layer_forms.py --only kernel_grad` times one layer).
-  * no_kernel_grad: NOT a correct step, an attribution: the 3-D convolutions' kernels under
-    `stop_gradient`, so the ratio says what their kernel gradients (and the transposed copies
-    XLA:CPU makes for them) cost.
+  * no_kernel_grad: NOT a correct step, an attribution: every `Conv`'s kernel (2-D, and 3-D
+    folded) under `stop_gradient`, so the ratio says what their kernel gradients (and the
+    transposed copies XLA:CPU makes for them) cost.
 """
 
 import argparse
@@ -77,13 +77,19 @@ _SPATIAL = conv_ops.spatial_conv
 
 
 @contextlib.contextmanager
-def _conv_form(form):
-  """`Conv` computes its 3-D convolutions by `form(x, kernel, stride)` instead."""
-  conv_ops.conv_folding_first_axis = form
+def _conv_ops_patched(name, form):
+  """`conv_ops.<name>` is `form` (`Conv` looks its functions up there at trace time)."""
+  original = getattr(conv_ops, name)
+  setattr(conv_ops, name, form)
   try:
     yield
   finally:
-    conv_ops.conv_folding_first_axis = _FOLDED
+    setattr(conv_ops, name, original)
+
+
+def _conv_form(form):
+  """`Conv` computes its 3-D convolutions by `form(x, kernel, stride)` instead."""
+  return _conv_ops_patched('conv_folding_first_axis', form)
 
 
 def _pad_depth(x):
@@ -149,15 +155,12 @@ _conv_chunked_kernel_grad.defvjp(_chunked_forward, _chunked_backward)
 
 
 def _chunked_kernel_grad(x, kernel, stride=1):
-  conv_ops.spatial_conv = _conv_chunked_kernel_grad  # _FOLDED looks it up in conv_ops.
-  try:
+  with _conv_ops_patched('spatial_conv', _conv_chunked_kernel_grad):  # _FOLDED calls it.
     return _FOLDED(x, kernel, stride)
-  finally:
-    conv_ops.spatial_conv = _SPATIAL
 
 
-def _no_kernel_grad(x, kernel, stride=1):
-  return _FOLDED(x, lax.stop_gradient(kernel), stride)
+def _no_kernel_grad(x, kernel, stride):
+  return _SPATIAL(x, lax.stop_gradient(kernel), stride)
 
 
 VARIANTS = {
@@ -171,7 +174,7 @@ VARIANTS = {
     'taps_on_outputs': functools.partial(_conv_form, _taps_on_outputs),
     'two_output_slices': functools.partial(_conv_form, _two_output_slices),
     'chunked_kernel_grad': functools.partial(_conv_form, _chunked_kernel_grad),
-    'no_kernel_grad': functools.partial(_conv_form, _no_kernel_grad),
+    'no_kernel_grad': functools.partial(_conv_ops_patched, 'spatial_conv', _no_kernel_grad),
 }
 
 

@@ -75,13 +75,19 @@ def test_chunked_kernel_grad_variant_gives_the_same_gradients(stride):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def test_no_kernel_grad_variant_stops_only_the_kernel_gradient():
+@pytest.mark.parametrize('shape', [(1, 4, 4, 4, 2), (2, 6, 6, 2)])
+def test_no_kernel_grad_variant_stops_only_the_kernel_gradient(shape):
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(1, 4, 4, 4, 2)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 2)), jnp.float32)
-  loss = lambda x, k: jnp.sum(conv_ops.conv_folding_first_axis(x, k) ** 2)
-  dx, dk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  conv = conv_ops.Conv(3, (3,) * (len(shape) - 2))
+  params = conv.init(jax.random.key(0), x)
+  loss = lambda x, params: jnp.sum(conv.apply(params, x) ** 2)
+  dx, dparams = jax.grad(loss, argnums=(0, 1))(x, params)
   with ab_step.VARIANTS['no_kernel_grad']():
-    dx_stopped, dk_stopped = jax.grad(loss, argnums=(0, 1))(x, kernel)
-  assert float(jnp.abs(dk).max()) > 0 and float(jnp.abs(dk_stopped).max()) == 0
+    dx_stopped, dparams_stopped = jax.grad(loss, argnums=(0, 1))(x, params)
+  assert conv_ops.spatial_conv is ab_step._SPATIAL  # pylint: disable=protected-access
+  kernel, kernel_stopped = dparams['params']['kernel'], dparams_stopped['params']['kernel']
+  assert float(jnp.abs(kernel).max()) > 0 and float(jnp.abs(kernel_stopped).max()) == 0
+  np.testing.assert_allclose(dparams_stopped['params']['bias'], dparams['params']['bias'],
+                             rtol=1e-6)
   np.testing.assert_allclose(dx_stopped, dx, rtol=1e-6)
