@@ -10,7 +10,7 @@ compile, so it is tried once on a tiny function first.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 from absl import logging
 import jax
@@ -40,13 +40,8 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
   For module-level jitted functions (decorators): the options depend on the backend, which
   importing a module must not initialise. The result has `lower` too, like a jitted function.
   """
-  jitted = None
-
-  def get() -> Any:
-    nonlocal jitted
-    if jitted is None:
-      jitted = jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
-    return jitted
+  get = functools.cache(
+      lambda: jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs))
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
