@@ -19,11 +19,13 @@ Variants:
   * Other forms of the stride-1 folded 3-D convolution (`conv_ops.conv_folding_first_axis`,
     tried and dropped, docs/performance.md "session 7"): depth_taps_shared (one 2-D
     convolution per depth tap over the whole depth-padded input, the outputs shifted and
-    summed: no slab), taps_on_outputs (the same as one 2-D convolution to `3 Cout` channels),
-    two_output_slices (where `Cout <= 16`: two output depth slices per fold from four input
+    summed: no slab), depth_taps_sliced (the same on depth-shifted slices of the padded
+    input, `layer_forms.conv_by_depth_taps`, the per-tap form first tried), taps_on_outputs
+    (one 2-D convolution to `3 Cout` channels, then the same shifted sum), two_output_slices (where `Cout <= 16`: two output depth slices per fold from four input
     slices, `[4 Cin] -> [2 Cout]` with zero blocks in the kernel, a third more FLOPs).
-  * chunked_kernel_grad: the folded convolutions' kernel gradients as sums over 16 chunks of
-    the folded batch (`layer_forms.py --only kernel_grad` times one layer).
+  * chunked_kernel_grad: every `Conv`'s kernel gradient as a sum over 16 chunks of its batch
+    (in the 3-D presets all are folded 3-D convolutions, whose batch is `B * D`;
+    `layer_forms.py --only kernel_grad` times one layer).
   * no_kernel_grad: NOT a correct step, an attribution: every `Conv`'s kernel (2-D, and 3-D
     folded) under `stop_gradient`, so the ratio says what their kernel gradients (and the
     transposed copies XLA:CPU makes for them) cost.
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import layer_forms
 from benchmarks import train_step as bench
 from pixssl_jax import xla_options
 from pixssl_jax.models import conv_ops
@@ -106,6 +109,12 @@ def _depth_taps_shared(x, kernel, stride=1):
              for t, z in enumerate(outputs))
 
 
+def _depth_taps_sliced(x, kernel, stride=1):
+  if stride != 1:
+    return _FOLDED(x, kernel, stride)
+  return layer_forms.conv_by_depth_taps(x, kernel)
+
+
 def _taps_on_outputs(x, kernel, stride=1):
   if stride != 1:
     return _FOLDED(x, kernel, stride)
@@ -141,22 +150,13 @@ def _chunked_forward(x, kernel, stride):
   return _SPATIAL(x, kernel, stride), (x, kernel)
 
 
-def _chunked_backward(stride, residuals, dy, chunks=16):
+def _chunked_backward(stride, residuals, dy):
   x, kernel = residuals
   dx = jax.vjp(lambda x: _SPATIAL(x, kernel, stride), x)[1](dy)[0]
-  chunks = chunks if x.shape[0] % chunks == 0 else 1
-  xs, dys = (a.reshape(chunks, -1, *a.shape[1:]) for a in (x, dy))
-  dkernel = sum(jax.vjp(lambda k, i=i: _SPATIAL(xs[i], k, stride), kernel)[1](dys[i])[0]
-                for i in range(chunks))
-  return dx, dkernel
+  return dx, layer_forms.chunked_kernel_gradient(x, kernel, dy, stride)
 
 
 _conv_chunked_kernel_grad.defvjp(_chunked_forward, _chunked_backward)
-
-
-def _chunked_kernel_grad(x, kernel, stride=1):
-  with _conv_ops_patched('spatial_conv', _conv_chunked_kernel_grad):  # _FOLDED calls it.
-    return _FOLDED(x, kernel, stride)
 
 
 def _no_kernel_grad(x, kernel, stride):
@@ -171,9 +171,11 @@ VARIANTS = {
     'serial_scheduler': functools.partial(
         _cpu_options, xla_cpu_enable_concurrency_optimized_scheduler=False),
     'depth_taps_shared': functools.partial(_conv_form, _depth_taps_shared),
+    'depth_taps_sliced': functools.partial(_conv_form, _depth_taps_sliced),
     'taps_on_outputs': functools.partial(_conv_form, _taps_on_outputs),
     'two_output_slices': functools.partial(_conv_form, _two_output_slices),
-    'chunked_kernel_grad': functools.partial(_conv_form, _chunked_kernel_grad),
+    'chunked_kernel_grad': functools.partial(_conv_ops_patched, 'spatial_conv',
+                                             _conv_chunked_kernel_grad),
     'no_kernel_grad': functools.partial(_conv_ops_patched, 'spatial_conv', _no_kernel_grad),
 }
 

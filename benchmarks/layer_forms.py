@@ -113,7 +113,7 @@ def compare_dense(reps: int) -> None:
         f'(max rel. difference {difference:.1e})', flush=True)
 
 
-def _conv_by_depth_taps(x, kernel):
+def conv_by_depth_taps(x, kernel):
   """The tried form: one 2-D convolution per depth tap on depth-shifted slices, summed."""
   batch, depth = x.shape[:2]
   padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
@@ -129,7 +129,7 @@ def compare_depth_taps(reps: int) -> None:
     dy = normal(rng, shape[:-1] + (cout,))
     row = []
     for name, conv in (('folded', lambda x, w: conv_ops.conv_folding_first_axis(x, w)),
-                       ('per depth tap', _conv_by_depth_taps)):
+                       ('per depth tap', conv_by_depth_taps)):
       forward_ms, y = median_ms(conv, x, kernel, reps=reps)
       backward_ms, grads = median_ms(lambda x, w, dy, c=conv: jax.vjp(c, x, w)[1](dy),
                                      x, kernel, dy, reps=reps)
@@ -179,14 +179,21 @@ def compare_onednn(reps: int) -> None:
         flush=True)
 
 
+def kernel_gradient(x, kernel, dy, stride: int = 1):
+  """JAX's kernel gradient of `strided_conv.conv` (which `strided_conv.strided_conv` keeps)."""
+  return jax.vjp(lambda k: strided_conv.conv(x, k, stride), kernel)[1](dy)[0]
+
+
+def chunked_kernel_gradient(x, kernel, dy, stride: int = 1, chunks: int = 16):
+  """`kernel_gradient` summed over `chunks` slices of the batch (one, if it does not divide)."""
+  chunks = chunks if x.shape[0] % chunks == 0 else 1
+  xs, dys = (a.reshape(chunks, -1, *a.shape[1:]) for a in (x, dy))
+  return sum(kernel_gradient(xs[i], kernel, dys[i], stride) for i in range(chunks))
+
+
 def compare_kernel_gradient(reps: int) -> None:
   rng = np.random.default_rng(0)
   conv = lambda x, w: strided_conv.conv(x, w, 1)
-  kernel_grad = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
-
-  def chunked(x, w, dy, chunks=16):
-    xs, dys = (a.reshape(chunks, -1, *a.shape[1:]) for a in (x, dy))
-    return sum(kernel_grad(xs[i], w, dys[i]) for i in range(chunks))
 
   for shape, cout in [((256, 64, 64, 48), 16), ((256, 64, 64, 96), 16),
                       ((192, 96, 96, 96), 32), ((16, 128, 128, 16), 16)]:
@@ -194,8 +201,8 @@ def compare_kernel_gradient(reps: int) -> None:
     dy = normal(rng, shape[:-1] + (cout,))
     gflop = 2 * np.prod(shape) * 9 * cout / 1e9
     forward_ms, _ = median_ms(conv, x, kernel, reps=reps)
-    grad_ms, grad = median_ms(kernel_grad, x, kernel, dy, reps=reps)
-    chunked_ms, chunked_grad = median_ms(chunked, x, kernel, dy, reps=reps)
+    grad_ms, grad = median_ms(kernel_gradient, x, kernel, dy, reps=reps)
+    chunked_ms, chunked_grad = median_ms(chunked_kernel_gradient, x, kernel, dy, reps=reps)
     print(f'2-D convolution {shape} -> {cout}: forward {forward_ms:.0f} ms '
           f'({1e3 * gflop / forward_ms:.0f} GFLOP/s), kernel gradient {grad_ms:.0f} ms '
           f'({1e3 * gflop / grad_ms:.0f} GFLOP/s), in 16 chunks {chunked_ms:.0f} ms (max rel. '

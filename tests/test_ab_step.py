@@ -45,7 +45,8 @@ def test_option_variants_compile_with_their_options_and_restore_them():
   assert xla_options.compiler_options() == before
 
 
-@pytest.mark.parametrize('variant', ['depth_taps_shared', 'taps_on_outputs', 'two_output_slices'])
+@pytest.mark.parametrize('variant', ['depth_taps_shared', 'depth_taps_sliced', 'taps_on_outputs',
+                                     'two_output_slices'])
 @pytest.mark.parametrize('stride, cout', [(1, 4), (1, 24), (2, 4)])
 def test_conv_form_variants_compute_the_same_convolution_and_restore_it(variant, stride, cout):
   rng = np.random.default_rng(0)
