@@ -100,24 +100,20 @@ def _pad_depth(x):
   return jnp.pad(x, ((0, 0), (1, 1)) + ((0, 0),) * (x.ndim - 2))
 
 
-def _depth_taps_shared(x, kernel, stride=1):
-  if stride != 1:
-    return _FOLDED(x, kernel, stride)
+def _stride_one(form):
+  """`form(x, kernel)` for stride-1 convolutions; strided ones stay folded."""
+  return lambda x, kernel, stride=1: (form(x, kernel) if stride == 1
+                                      else _FOLDED(x, kernel, stride))
+
+
+def _depth_taps_shared(x, kernel):
   (batch, depth), flat = x.shape[:2], _pad_depth(x).reshape(-1, *x.shape[2:])
   outputs = [conv_ops.spatial_conv(flat, kernel[t], 1) for t in range(3)]
   return sum(z.reshape(batch, depth + 2, *z.shape[1:])[:, t:t + depth]
              for t, z in enumerate(outputs))
 
 
-def _depth_taps_sliced(x, kernel, stride=1):
-  if stride != 1:
-    return _FOLDED(x, kernel, stride)
-  return layer_forms.conv_by_depth_taps(x, kernel)
-
-
-def _taps_on_outputs(x, kernel, stride=1):
-  if stride != 1:
-    return _FOLDED(x, kernel, stride)
+def _taps_on_outputs(x, kernel):
   (batch, depth), (cin, cout) = x.shape[:2], kernel.shape[-2:]
   weights = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-2], cin, 3 * cout)
   z = conv_ops.spatial_conv(_pad_depth(x).reshape(-1, *x.shape[2:]), weights, 1)
@@ -125,10 +121,10 @@ def _taps_on_outputs(x, kernel, stride=1):
   return sum(z[:, t:t + depth, ..., t, :] for t in range(3))
 
 
-def _two_output_slices(x, kernel, stride=1):
+def _two_output_slices(x, kernel):
   (batch, depth), (cin, cout) = x.shape[:2], kernel.shape[-2:]
-  if stride != 1 or cout > 16 or depth % 2:
-    return _FOLDED(x, kernel, stride)
+  if cout > 16 or depth % 2:
+    return _FOLDED(x, kernel)
   padded = _pad_depth(x)
   taps = [lax.slice_in_dim(padded, t, t + depth - 1, 2, axis=1) for t in range(4)]
   slab = jnp.concatenate(taps, axis=-1).reshape(-1, *x.shape[2:-1], 4 * cin)
@@ -170,10 +166,11 @@ VARIANTS = {
             'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')),
     'serial_scheduler': functools.partial(
         _cpu_options, xla_cpu_enable_concurrency_optimized_scheduler=False),
-    'depth_taps_shared': functools.partial(_conv_form, _depth_taps_shared),
-    'depth_taps_sliced': functools.partial(_conv_form, _depth_taps_sliced),
-    'taps_on_outputs': functools.partial(_conv_form, _taps_on_outputs),
-    'two_output_slices': functools.partial(_conv_form, _two_output_slices),
+    'depth_taps_shared': functools.partial(_conv_form, _stride_one(_depth_taps_shared)),
+    'depth_taps_sliced': functools.partial(_conv_form,
+                                           _stride_one(layer_forms.conv_by_depth_taps)),
+    'taps_on_outputs': functools.partial(_conv_form, _stride_one(_taps_on_outputs)),
+    'two_output_slices': functools.partial(_conv_form, _stride_one(_two_output_slices)),
     'chunked_kernel_grad': functools.partial(_conv_ops_patched, 'spatial_conv',
                                              _conv_chunked_kernel_grad),
     'no_kernel_grad': functools.partial(_conv_ops_patched, 'spatial_conv', _no_kernel_grad),
