@@ -312,7 +312,10 @@ def test_loaders_through_a_real_prepared_case_store(tmp_path):
       nib.save(nib.Nifti1Image(label, affine), tmp_path / 'raw' / 'labels' / f'c{i}.nii.gz')
   prepare.prepare_dataset(tmp_path / 'raw', tmp_path / 'store', strict=True, verbose=False)
   store = case_store.CaseStore(tmp_path / 'store', cache_dir=tmp_path / 'cache')
-  assert len(store.split('pretrain')) == 6
+  assert len(store.case_ids) == 6
+  # Pre-training reads the labelled training cases and the unlabelled one, never val or test.
+  assert 'c5' in store.split('pretrain')
+  assert not set(store.split('pretrain')) & set(store.split('val') + store.split('test'))
 
   cfg = _cfg(2, patch=16)
   cfg.intensity.enabled = False

@@ -2,12 +2,17 @@
 import gzip
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from pixssl_jax.data import case_store
 from pixssl_jax.data import nifti_io
 from pixssl_jax.data import prepare
 from pixssl_jax.data import splits as splits_lib
@@ -233,7 +238,8 @@ def test_discovery_of_msd_btcv_and_folder_layouts(tmp_path):
 
   _save(tmp_path / 'gen' / 'scans' / 'a.nii', _ct((4, 4, 4)), aff)
   _save(tmp_path / 'gen' / 'masks' / 'a.nii', np.zeros((4, 4, 4)), aff, np.uint8)
-  raw = prepare.discover(tmp_path / 'gen', images_dir='scans', labels_dir='masks')
+  raw = prepare.discover(tmp_path / 'gen', images_dir=tmp_path / 'gen' / 'scans',
+                         labels_dir=tmp_path / 'gen' / 'masks')
   assert [(c.case_id, os.path.basename(c.label)) for c in raw.cases] == [('a', 'a.nii')]
 
 
@@ -258,7 +264,11 @@ def test_splits_are_seeded_disjoint_and_nested():
   s = splits_lib.make_splits(ids, labelled, seed=3)
   assert s == splits_lib.make_splits(reversed(ids), reversed(labelled), seed=3)
   assert s != splits_lib.make_splits(ids, labelled, seed=4)
-  assert s['pretrain'] == ids
+  # No val or test image reaches pre-training; every other case does.
+  assert s['pretrain'] == sorted(s['train_100'] + ids[30:])
+  assert not set(s['pretrain']) & (set(s['val']) | set(s['test']))
+  transductive = splits_lib.make_splits(ids, labelled, seed=3, transductive=True)
+  assert transductive == {**s, 'pretrain': ids}
   assert (len(s['val']), len(s['test']), len(s['train_100']), len(s['train_10'])) == (6, 6, 18, 2)
   parts = [set(s['val']), set(s['test']), set(s['train_100'])]
   assert set.union(*parts) == set(labelled) and sum(map(len, parts)) == len(labelled)
@@ -327,3 +337,211 @@ def test_to_original_grid_undoes_reorientation_and_resampling(tmp_path):
                                    case.original_shape)
   assert back.shape == label.shape and np.mean(back != label) < 0.1
   assert back[5, 8, 4] == 1 and back[15, 0, 11] == 0
+
+
+def _tree(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob('*') if p.is_file()}
+
+
+def test_cli_takes_negative_number_lists_as_separate_tokens(tmp_path, monkeypatch):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  # The form the docs show, through the real argv path of `python -m ...prepare`.
+  monkeypatch.setattr(sys, 'argv', ['prepare', '--raw_dir', str(raw), '--data_dir',
+                                    str(tmp_path / 'store'), '--hu_window', '-300,-20',
+                                    '--spacing', '3,3,4', '--quiet'])
+  assert prepare.main() == 0
+  store = json.loads((tmp_path / 'store' / 'store.json').read_text())
+  assert store['hu_window'] == [-300.0, -20.0] and store['spacing'] == [3.0, 3.0, 4.0]
+  options = ['--hu_window', '--spacing', '--seed', '--raw_dir', '--data_dir']
+  join = lambda argv: prepare.join_negative_values(argv, options, options + ['--strict'])
+  assert join(['--hu', '-1e3,-.5', '--seed', '-3', '--strict', '--', '--spacing', '-1']) == [
+      '--hu=-1e3,-.5', '--seed=-3', '--strict', '--', '--spacing', '-1']
+  assert join(['--raw_dir', '--data_dir', 'x']) == ['--raw_dir', '--data_dir', 'x']
+
+
+def test_cli_negative_spacing_is_a_named_error(tmp_path, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store'),
+                       '--spacing', '-1.5,1.5,2']) == 1
+  assert '--spacing: needs 3 positive values' in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ['raw']
+
+
+def test_paths_are_made_absolute_with_home_expanded(tmp_path, monkeypatch):
+  raw = _msd(tmp_path / 'work' / 'raw', n=3, n_test=0)
+  monkeypatch.chdir(tmp_path / 'work')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  summary = prepare.prepare_dataset('raw', '~/stores/liver', verbose=False)
+  assert summary.data_dir == str(tmp_path / 'home' / 'stores' / 'liver')
+  store = json.loads((tmp_path / 'home' / 'stores' / 'liver' / 'store.json').read_text())
+  assert store['raw_dir'] == str(raw)
+  assert sorted(os.listdir(tmp_path / 'work')) == ['raw']  # no literal '~' folder
+  # Explicit image/label folders are relative to the current directory as well.
+  assert prepare.main(['--raw_dir=raw', '--images_dir=raw/imagesTr', '--labels_dir',
+                       'raw/labelsTr', '--data_dir=store', '--quiet']) == 0
+  store = json.loads((tmp_path / 'work' / 'store' / 'store.json').read_text())
+  assert store['layout'] == 'folders' and store['raw_dir'] == str(raw)
+  assert store['cases']['case_0']['label_file'] == os.path.join('labelsTr', 'case_0.nii.gz')
+  with pytest.raises(prepare.PrepareError, match=r'^gs://b/raw: --raw_dir: prepare reads '
+                     'local folders only'):
+    prepare.prepare_dataset('gs://b/raw', 'store2', verbose=False)
+
+
+def test_overwrite_refuses_raw_and_user_folders_and_leaves_their_files(tmp_path, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  raw_files = _tree(raw)
+  (tmp_path / 'link').symlink_to(raw)
+  for data_dir, reason in [(raw, f'is the same folder as --raw_dir {raw}'),
+                           (tmp_path / 'link', f'is the same folder as --raw_dir {raw}'),
+                           (raw / 'store', f'is inside --raw_dir {raw}'),
+                           (tmp_path, f'contains --raw_dir {raw}')]:
+    assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(data_dir), '--overwrite',
+                         '--quiet']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {data_dir}: --data_dir {reason}') and err.count('\n') == 1
+    assert _tree(raw) == raw_files
+  user = tmp_path / 'thesis'
+  (user / 'figures').mkdir(parents=True)
+  (user / 'figures' / 'fig1.txt').write_text('precious')
+  user_files = _tree(user)
+  for flags, reason in [(['--overwrite'], '--overwrite replaces only stores, nothing was '
+                         'touched'), ([], 'choose a new or empty folder')]:
+    assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(user), '--quiet',
+                         *flags]) == 1
+    assert capsys.readouterr().err == (
+        f'error: {user}: --data_dir is not empty and is not a store written by prepare '
+        f'(no store.json); {reason}\n')
+    assert _tree(user) == user_files
+  assert sorted(os.listdir(tmp_path)) == ['link', 'raw', 'thesis']  # no temp folder left
+
+
+def test_empty_folder_is_written_and_only_a_store_is_overwritten(tmp_path, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  store = tmp_path / 'store'
+  store.mkdir()
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--quiet']) == 0
+  assert json.loads((store / 'splits.json').read_text())['seed'] == 0
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--quiet']) == 1
+  assert capsys.readouterr().err == (
+      f'error: {store}: store already exists; pass --overwrite to replace it\n')
+  (store / 'npy_cache').mkdir()  # What CaseStore adds to a store: replaced with it.
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--overwrite',
+                       '--seed', '5', '--quiet']) == 0
+  assert json.loads((store / 'splits.json').read_text())['seed'] == 5
+  assert not (store / 'npy_cache').exists()
+  assert sorted(os.listdir(tmp_path)) == ['raw', 'store']
+
+
+_HANG_IN_PREPARE = """
+import sys, time
+from pixssl_jax.data import nifti_io, prepare
+nifti_io.preprocess_case = lambda *args, **kwargs: time.sleep(600)
+prepare.main(sys.argv[1:])
+"""
+
+
+def test_temp_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  child = subprocess.Popen(
+      [sys.executable, '-c', _HANG_IN_PREPARE, '--raw_dir', str(raw), '--data_dir',
+       str(tmp_path / 'store'), '--quiet'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    deadline = time.time() + 120
+    while not [n for n in os.listdir(tmp_path) if n.startswith('.store.tmp-')]:
+      assert child.poll() is None and time.time() < deadline, 'prepare did not start'
+      time.sleep(0.05)
+  finally:
+    child.kill()  # SIGKILL: no handler runs, the temporary folder stays behind.
+    child.wait()
+  left = [n for n in os.listdir(tmp_path) if n.startswith('.store.tmp-')]
+  assert len(left) == 1
+  # Not to be touched: a run in progress (this process), another host's run, other names.
+  other_host = 'ffffffff' if prepare._HOST_TAG != 'ffffffff' else '00000000'
+  keep = [f'.store.tmp-{prepare._HOST_TAG}-{os.getpid()}-0123abcd',
+          f'.store.tmp-{other_host}-{child.pid}-0123abcd',
+          f'.other.tmp-{child.pid}-0123abcd', '.store.tmp-notes']
+  for name in keep:
+    (tmp_path / name).mkdir()
+  legacy = tmp_path / f'.store.old-{child.pid}-89abcdef'  # name without the host tag
+  legacy.mkdir()
+  (legacy / 'store.json').write_text('{}')
+  prepare.prepare_dataset(raw, tmp_path / 'store', verbose=False)
+  assert sorted(os.listdir(tmp_path)) == sorted(['raw', 'store', *keep])
+
+
+def test_sigterm_during_prepare_removes_its_temp_folder(tmp_path, monkeypatch, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  seen = []
+
+  def preprocess_then_sigterm(*args, **kwargs):
+    seen.append(sorted(os.listdir(tmp_path)))
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError('SIGTERM did not stop prepare')
+
+  monkeypatch.setattr(nifti_io, 'preprocess_case', preprocess_then_sigterm)
+  handler = signal.getsignal(signal.SIGTERM)
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store'),
+                       '--quiet']) == 128 + signal.SIGTERM
+  assert 'stopped by SIGTERM' in capsys.readouterr().err
+  assert len(seen) == 1 and [n for n in seen[0] if n.startswith('.store.tmp-')]
+  assert sorted(os.listdir(tmp_path)) == ['raw']
+  assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_duplicate_case_ids_are_errors_naming_both_files(tmp_path, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  aff = np.diag([1.5, 1.5, 2.0, 1.0])
+  _save(raw / 'imagesTr' / 'case_1.nii', _ct(seed=9), aff)  # beside case_1.nii.gz
+  _save(raw / 'labelsTr' / 'case_2.nii', np.zeros((12, 12, 10)), aff, np.uint8)
+  summary = prepare.prepare_dataset(raw, tmp_path / 'store', verbose=False)
+  assert summary.written == ['case_0']
+  assert sorted(summary.skipped) == [
+      (str(raw / sub / f'{cid}.nii'), f"case id {cid!r} is also given by "
+       f"{raw / sub / f'{cid}.nii.gz'}; remove or rename one of the two files")
+      for sub, cid in (('imagesTr', 'case_1'), ('labelsTr', 'case_2'))]
+  with pytest.raises(CaseError, match=r"case id 'case_\d' is also given by"):
+    prepare.prepare_dataset(raw, tmp_path / 'strict', strict=True, verbose=False)
+  assert not (tmp_path / 'strict').exists()
+
+
+@pytest.mark.parametrize('value, reason', [
+    (1e30, 'image has 1 voxels outside +-100000 (min '),
+    (-2e5, 'image has 1 voxels outside +-100000 (min -200000, '),
+    (np.nan, 'image has 1 NaN or Inf voxels'),
+])
+def test_values_that_cannot_be_hu_are_named_errors(tmp_path, value, reason):
+  raw = _msd(tmp_path / 'raw', n=2, n_test=0)
+  data = _ct(seed=1).astype(np.float64)
+  data[1, 2, 3] = value
+  bad = _save(raw / 'imagesTr' / 'case_1.nii.gz', data, np.diag([1.5, 1.5, 2.0, 1.0]))
+  summary = prepare.prepare_dataset(raw, tmp_path / 'store', verbose=False)
+  assert summary.written == ['case_0']
+  [(path, message)] = summary.skipped
+  assert path == bad and message.startswith(reason)
+  with pytest.raises(CaseError) as e:
+    prepare.prepare_dataset(raw, tmp_path / 'strict', strict=True, verbose=False)
+  assert str(e.value).startswith(f'{bad}: {reason}')
+
+
+def test_pretrain_split_leaves_out_val_and_test_unless_transductive(tmp_path):
+  raw = _msd(tmp_path / 'raw', n=6, n_test=2, shape=(6, 6, 5))
+  for name, flags in (('store', []), ('transductive', ['--transductive'])):
+    assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / name),
+                         '--quiet', *flags]) == 0
+  default = json.loads((tmp_path / 'store' / 'splits.json').read_text())
+  split = default['splits']
+  assert default['pretrain_excludes_eval'] is True
+  assert split['val'] and split['test']
+  assert not set(split['pretrain']) & (set(split['val']) | set(split['test']))
+  assert split['pretrain'] == sorted(split['train_100'] + ['test_0', 'test_1'])
+  every = json.loads((tmp_path / 'transductive' / 'splits.json').read_text())
+  assert every['pretrain_excludes_eval'] is False
+  assert every['splits'] == {**split, 'pretrain': sorted(split['pretrain'] + split['val']
+                                                         + split['test'])}
+  # A store written before the choice was recorded reads as it always did.
+  del every['pretrain_excludes_eval']
+  (tmp_path / 'transductive' / 'splits.json').write_text(json.dumps(every))
+  store = case_store.CaseStore(tmp_path / 'transductive', cache_dir=tmp_path / 'cache')
+  assert store.split('pretrain') == store.case_ids

@@ -15,6 +15,10 @@ import numpy as np
 from scipy import ndimage
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+# Largest |value| accepted as HU. CT spans about -1024 (air) to a few 10^4 (dense metal on
+# extended scales); anything past this is not HU (wrong scaling, raw counts, garbage) and
+# clipping it to the window would hide the problem.
+MAX_ABS_HU = 1e5
 
 
 class CaseError(ValueError):
@@ -175,6 +179,10 @@ def _check_image(path, data: np.ndarray) -> None:
   if not finite.all():
     raise CaseError(path, f'image has {int(data.size - finite.sum())} NaN or Inf voxels')
   lo, hi = float(data.min()), float(data.max())
+  if max(-lo, hi) > MAX_ABS_HU:
+    n = int(np.count_nonzero(np.abs(data) > MAX_ABS_HU))
+    raise CaseError(path, f'image has {n} voxels outside +-{MAX_ABS_HU:g} (min {lo:g}, '
+                    f'max {hi:g}), which cannot be HU; check the scaling (scl_slope/scl_inter)')
   if lo == hi:
     raise CaseError(path, f'image is constant (every voxel is {lo})')
 

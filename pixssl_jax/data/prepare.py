@@ -1,7 +1,8 @@
 """Raw NIfTI folder -> preprocessed TFDS ArrayRecord store (`STORE/`), CLI and Python API.
 
     python -m pixssl_jax.data.prepare --raw_dir RAW --data_dir STORE \
-        [--spacing 1.5,1.5,2.0] [--hu_window -175,250] [--seed 0] [--strict] [--overwrite]
+        [--spacing 1.5,1.5,2.0] [--hu_window -175,250] [--seed 0] [--strict] [--overwrite] \
+        [--transductive]
 
 Raw layouts read (auto-detected, or `--images_dir`/`--labels_dir`):
 - MSD: `imagesTr/` + optional `labelsTr/` + `dataset.json`; `imagesTs/` images are unlabelled.
@@ -12,15 +13,23 @@ Images without a label are kept for pre-training only.
 Output (`STORE/`): `tfds/ct_volumes/1.0.0/` (the ArrayRecord store, see `ct_dataset.py`),
 `store.json` (spacing, HU window, label names, per-case geometry) and `splits.json`. The
 store is built in a temporary folder beside `STORE` and renamed at the end, so a failed run
-leaves nothing behind. Bad cases are skipped with a reason (or stop the run with `--strict`).
+leaves no store; temporary folders of killed runs are removed by the next run. `--overwrite`
+replaces only a store that `prepare` wrote. Bad cases are skipped with a reason (or stop the
+run with `--strict`).
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -103,8 +112,12 @@ class RawDataset:
   errors: list[CaseError]
 
 
-def _nifti_files(folder: str, errors: list[CaseError]) -> dict[str, str]:
-  """{file stem: path} of the NIfTI files in `folder`; other visible files become errors."""
+def _nifti_files(folder: str, errors: list[CaseError]) -> dict[str, str | None]:
+  """{file stem: path} of the NIfTI files in `folder`; other visible files become errors.
+
+  A stem given by two files (`a.nii` and `a.nii.gz`) maps to None, with an error naming both:
+  nothing says which one is the case, so the case is skipped.
+  """
   out = {}
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
@@ -114,7 +127,14 @@ def _nifti_files(folder: str, errors: list[CaseError]) -> dict[str, str]:
     if not nifti_io.is_nifti_name(name):
       errors.append(CaseError(path, 'not a NIfTI file name (expected .nii or .nii.gz)'))
       continue
-    out[nifti_io.strip_nifti_suffix(name)] = path
+    stem = nifti_io.strip_nifti_suffix(name)
+    if stem in out:
+      if out[stem] is not None:
+        errors.append(CaseError(out[stem], f'case id {stem!r} is also given by {path}; '
+                                'remove or rename one of the two files'))
+      out[stem] = None
+      continue
+    out[stem] = path
   return out
 
 
@@ -131,13 +151,18 @@ def _pair(images: dict[str, str], labels: dict[str, str], cases: dict[str, RawCa
   used = set()
   for key, image in images.items():
     cid = case_id(key)
+    used.add(label_key(key))
+    if image is None or (label_key(key) in labels and labels[label_key(key)] is None):
+      # Two files give this image or label (error already recorded): skip the whole case,
+      # also where dataset.json listed one of the two.
+      cases.pop(cid, None)
+      continue
     if cid in cases and cases[cid].image == image:
       continue
-    label = labels.get(label_key(key))
-    used.add(label_key(key))
-    _add(cases, RawCase(cid, image, label), errors)
+    _add(cases, RawCase(cid, image, labels.get(label_key(key))), errors)
   for key, label in labels.items():
-    if key not in used and not any(c.label == label for c in cases.values()):
+    if (label is not None and key not in used
+        and not any(c.label == label for c in cases.values())):
       errors.append(CaseError(label, 'label has no image with a matching file name'))
 
 
@@ -211,10 +236,16 @@ def _discover_msd(root: str, cases: dict, errors: list) -> dict[int, str] | None
 def discover(raw_dir, images_dir=None, labels_dir=None) -> RawDataset:
   """Finds the cases of a raw dataset folder (layouts in the module docstring).
 
+  Args:
+    raw_dir: raw dataset folder.
+    images_dir: explicit image folder, overriding auto-detection; None to auto-detect.
+    labels_dir: explicit label folder (with `images_dir`), or None.
+    Relative paths are relative to the current directory; `~` is expanded.
+
   Raises:
     PrepareError: the folder is missing, empty, of no known layout, or has no NIfTI image.
   """
-  root = os.path.abspath(os.fspath(raw_dir))
+  root, images_dir, labels_dir = (local_path(p) for p in (raw_dir, images_dir, labels_dir))
   if not os.path.isdir(root):
     raise PrepareError(root, 'raw folder does not exist (or is not a folder)')
   cases: dict[str, RawCase] = {}
@@ -222,9 +253,8 @@ def discover(raw_dir, images_dir=None, labels_dir=None) -> RawDataset:
   label_names = None
   has = lambda *parts: os.path.isdir(os.path.join(root, *parts))
   if images_dir is not None:
-    layout, pairs = 'folders', [(os.path.join(root, images_dir),
-                                 os.path.join(root, labels_dir) if labels_dir else None)]
-    if labels_dir and not os.path.isdir(pairs[0][1]):
+    layout, pairs = 'folders', [(images_dir, labels_dir)]
+    if labels_dir and not os.path.isdir(labels_dir):
       raise PrepareError(pairs[0][1], 'label folder does not exist')
   elif not os.listdir(root):
     raise PrepareError(root, 'raw folder is empty')
@@ -270,16 +300,28 @@ def _json_names(label_names: Mapping[int, str]) -> dict[str, str]:
   return {str(k): v for k, v in sorted(label_names.items())}
 
 
+def local_path(path) -> str | None:
+  """A path as `prepare` uses it: local ones absolute with `~` expanded; URLs and None kept."""
+  if path is None:
+    return None
+  path = os.fspath(path)
+  if '://' in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0),
                     hu_window: Sequence[float] = (-175.0, 250.0), strict: bool = False,
                     seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
                     images_dir=None, labels_dir=None, overwrite: bool = False,
-                    verbose: bool = True) -> PrepareSummary:
+                    verbose: bool = True, transductive: bool = False) -> PrepareSummary:
   """Preprocesses a raw NIfTI dataset into a store (see module docstring).
 
   Args:
     raw_dir: raw dataset folder (MSD, BTCV or images/+labels/ layout).
-    data_dir: store folder to create (local path).
+    data_dir: store folder to create (local path). It must not exist, be empty, or hold a
+      store written by `prepare` (replaced only with `overwrite`), and must not overlap the
+      raw folders.
     spacing: target voxel size in mm, (x, y, z) in RAS.
     hu_window: (lo, hi) HU window; stored voxels are clipped to it.
     strict: stop at the first bad case instead of skipping it.
@@ -288,17 +330,23 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
     test_fraction: fraction of labelled cases for test.
     images_dir: explicit image folder (with `labels_dir`), overrides auto-detection.
     labels_dir: explicit label folder, or None.
-    overwrite: replace an existing `data_dir`.
+    overwrite: replace an existing store in `data_dir`.
     verbose: print one progress line per case.
+    transductive: the `pretrain` split holds every case, `val` and `test` included; by
+      default it leaves them out.
+    Relative paths are relative to the current directory; `~` is expanded.
 
   Returns:
     A `PrepareSummary`.
 
   Raises:
-    PrepareError: bad raw folder, existing store without `overwrite`, or no usable case.
+    PrepareError: bad raw folder or `data_dir`, existing store without `overwrite`, or no
+      usable case.
     CaseError: the first bad case, with `strict=True`.
   """
   start = time.time()
+  raw_dir, data_dir, images_dir, labels_dir = (
+      local_path(p) for p in (raw_dir, data_dir, images_dir, labels_dir))
   spacing = tuple(float(s) for s in spacing)
   hu_window = tuple(float(h) for h in hu_window)
   if len(spacing) != 3 or min(spacing) <= 0:
@@ -309,20 +357,27 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
     splits_lib.check_fractions(val_fraction, test_fraction)
   except ValueError as e:
     raise PrepareError('--val_fraction/--test_fraction', str(e)) from e
-  if '://' in str(data_dir):
+  if '://' in data_dir:
     raise PrepareError(data_dir, 'prepare writes local stores only; copy the finished store '
                        'to GCS afterwards (gcloud storage cp -r)')
-  data_dir = epath.Path(os.path.abspath(os.fspath(data_dir)))
-  if data_dir.exists() and not overwrite:
-    raise PrepareError(data_dir, 'store already exists; pass --overwrite to replace it')
+  sources = {'--raw_dir': raw_dir, '--images_dir': images_dir, '--labels_dir': labels_dir}
+  for flag, path in sources.items():
+    if path is not None and '://' in path:
+      raise PrepareError(path, f'{flag}: prepare reads local folders only; copy the raw data '
+                         'to local disk first (gcloud storage cp -r)')
+  _check_apart(data_dir, sources)
+  _check_target(data_dir, overwrite)
 
   raw = discover(raw_dir, images_dir=images_dir, labels_dir=labels_dir)
   skipped = [(e.path, e.reason) for e in raw.errors]
   if strict and raw.errors:
     raise raw.errors[0]
 
-  data_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp_dir = data_dir.parent / f'.{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+  for path in _remove_stale_temps(data_dir):
+    if verbose:
+      print(f'removed {path}, left behind by an interrupted prepare run', flush=True)
+  tmp_dir = epath.Path(_temp_path(data_dir, 'tmp'))
   staging = tmp_dir / 'staging'
   staging.mkdir(parents=True)
   try:
@@ -371,9 +426,11 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
       # No dataset.json: name the classes found in the data.
       label_names = {0: 'background', **{v: f'class_{v}' for v in sorted(found_labels)}}
     split_map = splits_lib.make_splits(cases_meta, labelled, seed=seed,
-                                       val_fraction=val_fraction, test_fraction=test_fraction)
+                                       val_fraction=val_fraction, test_fraction=test_fraction,
+                                       transductive=transductive)
     splits_lib.write_splits(tmp_dir / 'splits.json', split_map, seed=seed,
-                            val_fraction=val_fraction, test_fraction=test_fraction)
+                            val_fraction=val_fraction, test_fraction=test_fraction,
+                            pretrain_excludes_eval=not transductive)
     store = {
         'format_version': STORE_FORMAT_VERSION,
         'spacing': list(spacing),
@@ -383,7 +440,7 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
         'raw_dir': str(raw.root),
         # Where the raw files are seen from the store, for stores moved together with them
         # (the phantom cache builds in a temporary folder, then renames it).
-        'raw_dir_relative': os.path.relpath(str(raw.root), os.path.abspath(os.fspath(data_dir))),
+        'raw_dir_relative': os.path.relpath(str(raw.root), data_dir),
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'tfds': {'builder_dir': str(builder_dir.relative_to(tmp_dir)),
                  'split': ct_dataset.ALL_SPLIT},
@@ -391,24 +448,151 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
         'skipped': [{'path': p, 'reason': r} for p, r in skipped],
     }
     (tmp_dir / 'store.json').write_text(json.dumps(store, indent=1))
-    _replace_dir(tmp_dir, data_dir, overwrite)
+    _move_into_place(str(tmp_dir), data_dir, overwrite)
   finally:
     if tmp_dir.exists():
       shutil.rmtree(tmp_dir, ignore_errors=True)
-  return PrepareSummary(data_dir=str(data_dir), written=sorted(cases_meta), labelled=labelled,
+  return PrepareSummary(data_dir=data_dir, written=sorted(cases_meta), labelled=labelled,
                         skipped=skipped, seconds=time.time() - start)
 
 
-def _replace_dir(tmp_dir: epath.Path, data_dir: epath.Path, overwrite: bool) -> None:
-  """Moves the finished store into place; rename is atomic on one filesystem."""
-  old = None
-  if data_dir.exists():
+# --- The store folder: where a store may go, its temporary folders, the final rename. ---
+
+# Temporary folders beside STORE: `.STORE.tmp-<host>-<pid>-<rand>` (the store being built)
+# and `.STORE.old-<host>-<pid>-<rand>` (the store being replaced). The host tag and pid tell a
+# later run whether the owner is gone; folders without a host tag come from older versions.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_path(data_dir: str, kind: str) -> str:
+  parent, name = os.path.split(data_dir)
+  suffix = f'{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  return os.path.join(parent, f'.{name}.{kind}-{suffix}')
+
+
+def _process_alive(pid: int) -> bool:
+  if os.name != 'posix':
+    return True  # os.kill(pid, 0) would terminate the process on Windows; never judge there.
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # EPERM: alive, owned by another user.
+    return True
+  return True
+
+
+def _remove_stale_temps(data_dir: str) -> list[str]:
+  """Removes temporary folders of earlier runs for `data_dir` whose process is gone.
+
+  Only names of `_temp_path`'s pattern, made on this host, are touched; a folder of a run
+  still in progress (its pid alive) is left alone.
+
+  Returns:
+    The folders removed.
+  """
+  parent, name = os.path.split(data_dir)
+  pattern = re.compile(
+      rf'\.{re.escape(name)}\.(?:tmp|old)-(?:([0-9a-f]{{8}})-)?(\d+)-[0-9a-f]{{8}}')
+  removed = []
+  for entry in sorted(os.listdir(parent)):
+    match = pattern.fullmatch(entry)
+    path = os.path.join(parent, entry)
+    if (not match or match.group(1) not in (None, _HOST_TAG)
+        or _process_alive(int(match.group(2)))
+        or os.path.islink(path) or not os.path.isdir(path)):
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed
+
+
+def _is_store(path: str) -> bool:
+  """Whether `path` holds a store written by `prepare` (a store.json with a format version)."""
+  try:
+    with open(os.path.join(path, 'store.json')) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError.
+    return False
+  return isinstance(meta, dict) and 'format_version' in meta
+
+
+def _check_target(data_dir: str, overwrite: bool) -> None:
+  """Raises PrepareError unless `data_dir` is absent, empty, or a store to overwrite."""
+  if not os.path.lexists(data_dir):
+    return
+  if not os.path.isdir(data_dir):
+    raise PrepareError(data_dir, '--data_dir exists and is not a folder')
+  if _is_store(data_dir):
     if not overwrite:
-      raise PrepareError(data_dir, 'store appeared while preparing; pass --overwrite')
-    old = data_dir.parent / f'.{data_dir.name}.old-{uuid.uuid4().hex[:8]}'
-    os.rename(data_dir, old)
-  os.rename(tmp_dir, data_dir)
-  if old is not None:
+      raise PrepareError(data_dir, 'store already exists; pass --overwrite to replace it')
+  elif os.listdir(data_dir):
+    raise PrepareError(data_dir, '--data_dir is not empty and is not a store written by '
+                       'prepare (no store.json); ' + (
+                           '--overwrite replaces only stores, nothing was touched' if overwrite
+                           else 'choose a new or empty folder'))
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _check_apart(data_dir: str, sources: Mapping[str, str | None]) -> None:
+  """Raises PrepareError if `data_dir` is, contains or lies inside a source folder.
+
+  A store inside the raw folder would be read back as raw data, and replacing a store that
+  contains the raw folder would delete it; real paths, so symlinks cannot hide either.
+  """
+  store_real = os.path.realpath(data_dir)
+  for flag, source in sources.items():
+    if source is None:
+      continue
+    source_real = os.path.realpath(source)
+    if store_real == source_real:
+      relation = 'is the same folder as'
+    elif _inside(store_real, source_real):
+      relation = 'is inside'
+    elif _inside(source_real, store_real):
+      relation = 'contains'
+    else:
+      continue
+    raise PrepareError(data_dir, f'--data_dir {relation} {flag} {source}; write the store to '
+                       'a folder of its own')
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+  """Holds SIGINT and SIGTERM back (delivered on exit) so a rename pair is never cut."""
+  can_block = (hasattr(signal, 'pthread_sigmask')
+               and threading.current_thread() is threading.main_thread())
+  held = {signal.SIGINT, signal.SIGTERM}
+  old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if can_block else None
+  try:
+    yield
+  finally:
+    if can_block:
+      signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _move_into_place(tmp_dir: str, data_dir: str, overwrite: bool) -> None:
+  """Moves the finished store to `data_dir`; each rename is atomic on one filesystem."""
+  _check_target(data_dir, overwrite)  # Again: something may have appeared meanwhile.
+  old = None
+  with _signals_deferred():
+    if _is_store(data_dir):
+      old = _temp_path(data_dir, 'old')
+      os.rename(data_dir, old)
+    try:
+      # Onto an absent or empty folder; a folder filled meanwhile makes this fail, not vanish.
+      os.rename(tmp_dir, data_dir)
+    except OSError as e:
+      if old is not None:
+        os.rename(old, data_dir)
+      raise PrepareError(data_dir, f'cannot move the finished store into place ({e.strerror}); '
+                         'nothing was changed') from e
+  if old is not None and os.path.islink(old):
+    os.remove(old)  # A link to a store: drop the link, leave what it pointed to.
+  elif old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -422,33 +606,101 @@ def _floats(text: str, n: int, flag: str) -> tuple[float, ...]:
   return values
 
 
+# A value that starts like a negative number: '-175,250', '-1.5', '-.5,2', '-1e3'.
+_NEGATIVE_VALUE = re.compile(r'-\.?\d')
+
+
+def join_negative_values(argv: Sequence[str], value_options: Sequence[str],
+                         all_options: Sequence[str]) -> list[str]:
+  """Rewrites `--opt -175,250` as `--opt=-175,250` for options that take a value.
+
+  argparse reads any token that starts with '-' as an option unless it is one plain negative
+  number, so a negative comma list after its option would be a missing value followed by an
+  unknown option. An option may be abbreviated, as argparse allows.
+
+  Args:
+    argv: command-line tokens (without the program name).
+    value_options: option strings that take one value.
+    all_options: every option string of the parser (to resolve abbreviations).
+
+  Returns:
+    The tokens, with each such option and its value joined by '='.
+  """
+  out, i = [], 0
+  while i < len(argv):
+    token = argv[i]
+    if token == '--':
+      return out + list(argv[i:])
+    if (token.startswith('--') and '=' not in token and i + 1 < len(argv)
+        and _NEGATIVE_VALUE.match(argv[i + 1])):
+      matches = [token] if token in all_options else [
+          o for o in all_options if o.startswith(token)]
+      if len(matches) == 1 and matches[0] in value_options:
+        out.append(f'{token}={argv[i + 1]}')
+        i += 2
+        continue
+    out.append(token)
+    i += 1
+  return out
+
+
+class Terminated(BaseException):
+  """SIGTERM arrived; a BaseException so that no `except Exception` swallows it."""
+
+
+def _raise_terminated(signum, frame):
+  del frame
+  raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (module docstring); returns the exit status (0, 1, or 143 on SIGTERM)."""
   parser = argparse.ArgumentParser(prog='python -m pixssl_jax.data.prepare',
                                    description=__doc__.split('\n')[0])
-  parser.add_argument('--raw_dir', required=True, help='raw dataset folder')
-  parser.add_argument('--data_dir', required=True, help='store folder to create')
-  parser.add_argument('--spacing', default='1.5,1.5,2.0',
-                      type=lambda s: _floats(s, 3, '--spacing'), help='target mm x,y,z')
-  parser.add_argument('--hu_window', default='-175,250',
-                      type=lambda s: _floats(s, 2, '--hu_window'), help='HU lo,hi')
-  parser.add_argument('--strict', action='store_true', help='stop at the first bad case')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing store')
-  parser.add_argument('--seed', type=int, default=0, help='seed of the splits')
-  parser.add_argument('--val_fraction', type=float, default=0.2)
-  parser.add_argument('--test_fraction', type=float, default=0.2)
-  parser.add_argument('--images_dir', default=None, help='explicit image folder')
-  parser.add_argument('--labels_dir', default=None, help='explicit label folder')
-  parser.add_argument('--quiet', action='store_true', help='no per-case progress lines')
-  args = parser.parse_args(argv)
+  add = parser.add_argument
+  actions = [
+      add('--raw_dir', required=True, help='raw dataset folder'),
+      add('--data_dir', required=True,
+          help='store folder to create (new, empty, or a store to replace with --overwrite)'),
+      add('--spacing', default='1.5,1.5,2.0', type=lambda s: _floats(s, 3, '--spacing'),
+          help='target mm x,y,z'),
+      add('--hu_window', default='-175,250', type=lambda s: _floats(s, 2, '--hu_window'),
+          help='HU lo,hi'),
+      add('--strict', action='store_true', help='stop at the first bad case'),
+      add('--overwrite', action='store_true', help='replace an existing store'),
+      add('--transductive', action='store_true',
+          help='pretrain split holds every case, val and test included'),
+      add('--seed', type=int, default=0, help='seed of the splits'),
+      add('--val_fraction', type=float, default=0.2),
+      add('--test_fraction', type=float, default=0.2),
+      add('--images_dir', default=None, help='explicit image folder'),
+      add('--labels_dir', default=None, help='explicit label folder'),
+      add('--quiet', action='store_true', help='no per-case progress lines'),
+  ]
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parser.parse_args(join_negative_values(
+      argv, value_options=[o for a in actions if a.nargs != 0 for o in a.option_strings],
+      all_options=[o for a in actions for o in a.option_strings]))
+  # SIGTERM (kill, a scheduler's stop) becomes an exception so that the temporary store is
+  # removed on the way out; signal handlers can only be set in the main thread.
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
   try:
     summary = prepare_dataset(
         args.raw_dir, args.data_dir, spacing=args.spacing, hu_window=args.hu_window,
         strict=args.strict, seed=args.seed, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, images_dir=args.images_dir,
-        labels_dir=args.labels_dir, overwrite=args.overwrite, verbose=not args.quiet)
+        labels_dir=args.labels_dir, overwrite=args.overwrite, verbose=not args.quiet,
+        transductive=args.transductive)
   except CaseError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except Terminated:
+    print('error: stopped by SIGTERM; temporary files removed', file=sys.stderr)
+    return 128 + signal.SIGTERM
+  finally:
+    if in_main_thread:  # None: a handler set outside Python; SIG_DFL is the closest.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
   print(summary)
   return 0
 

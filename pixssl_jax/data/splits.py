@@ -1,6 +1,8 @@
 """Seeded experiment splits of a store, written to `STORE/splits.json`.
 
-- `pretrain`: every case (labelled or not). Pre-training reads images only, never labels.
+- `pretrain`: the cases pre-training may see: `train_100` plus every unlabelled case, so no
+  `val` or `test` image is seen before evaluation. With `transductive=True`, every case, for
+  protocols that pre-train on every available scan (pre-training never reads labels).
 - `val`, `test`: disjoint random subsets of the labelled cases.
 - `train_100`: the remaining labelled cases.
 - `train_10`: a seeded random 10% of `train_100` (at least one case).
@@ -31,7 +33,8 @@ def check_fractions(val_fraction: float, test_fraction: float,
 
 def make_splits(all_ids: Iterable[str], labelled_ids: Iterable[str], *, seed: int = 0,
                 val_fraction: float = 0.2, test_fraction: float = 0.2,
-                train_subset_fraction: float = 0.1) -> dict[str, list[str]]:
+                train_subset_fraction: float = 0.1,
+                transductive: bool = False) -> dict[str, list[str]]:
   """Computes the splits.
 
   Args:
@@ -42,6 +45,8 @@ def make_splits(all_ids: Iterable[str], labelled_ids: Iterable[str], *, seed: in
       fraction is positive and at least 3 labelled cases exist).
     test_fraction: the same for `test`.
     train_subset_fraction: fraction of `train_100` that forms `train_10`.
+    transductive: `pretrain` holds every case, `val` and `test` included; by default it
+      leaves them out.
 
   Returns:
     {split name: sorted list of case ids} for every name in `SPLIT_NAMES`.
@@ -76,8 +81,9 @@ def make_splits(all_ids: Iterable[str], labelled_ids: Iterable[str], *, seed: in
   # A second, independent draw so train_10 is not just a prefix of the val/test permutation.
   sub_rng = np.random.default_rng([seed, 10])
   train_10 = [train_100[i] for i in sub_rng.permutation(len(train_100))[:n_sub]]
+  held_out = set(val) | set(test)
   return {
-      'pretrain': all_ids,
+      'pretrain': all_ids if transductive else [c for c in all_ids if c not in held_out],
       'train_100': sorted(train_100),
       'train_10': sorted(train_10),
       'val': sorted(val),
@@ -86,7 +92,7 @@ def make_splits(all_ids: Iterable[str], labelled_ids: Iterable[str], *, seed: in
 
 
 def write_splits(path: epath.PathLike, splits: Mapping[str, list[str]], **provenance) -> None:
-  """Writes `splits.json` with the splits and how they were made (seed, fractions)."""
+  """Writes `splits.json` with the splits and how they were made (seed, fractions, ...)."""
   payload = {'splits': {k: list(v) for k, v in splits.items()}, **provenance}
   epath.Path(path).write_text(json.dumps(payload, indent=1))
 
