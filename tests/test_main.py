@@ -16,7 +16,7 @@ def run_main(workdir, *overrides, timeout=600):
              JAX_PLATFORMS='cpu')
   cmd = [sys.executable, '-m', 'pixssl_jax.main', '--config', 'configs/pretrain.py:tiny',
          '--workdir', str(workdir), *overrides]
-  # SIGKILL on timeout: a process with jax.distributed ignores SIGTERM (PITFALLS.md).
+  # SIGKILL on timeout: a process with jax.distributed ignores SIGTERM (docs/pitfalls.md).
   return subprocess.run(['timeout', '-s', 'KILL', str(timeout), *cmd], cwd=REPO, env=env,
                         capture_output=True, text=True)
 

@@ -6,9 +6,9 @@ each slice by a 2-D sliding window (`pixssl_jax.evaluation.sliding_window`). The
 convolutional, so the inference window may be larger than the training view (fewer windows);
 GroupNorm statistics are then taken over the larger window.
 
-The uncertainty is the one the training loss uses (METHOD.md): K runs of the student's context
-stabilizer with independent dropout keys on the student's pixel projections; per pixel, the
-channel-mean variance of the L2-normalised samples, in `[0, 1 / Cp]`.
+The uncertainty is the one the training loss uses (docs/method.md): K runs of the student's
+context stabilizer with independent dropout keys on the student's pixel projections; per pixel,
+the channel-mean variance of the L2-normalised samples, in `[0, 1 / Cp]`.
 """
 
 import dataclasses

@@ -4,7 +4,7 @@ A run's workdir holds `config.json`, `checkpoints/<step>/` (Orbax items `state`,
 `meta`), `metrics.jsonl` and `tensorboard/`. `load_run` restores one checkpoint's parameters
 onto a single local device, whatever number of devices or hosts wrote it: the restore target is
 an abstract train state whose leaves carry a one-device replicated sharding, and Orbax reshards
-onto it (`../../shared/PITFALLS.md`, orbax). The data iterator item is never read.
+onto it (docs/pitfalls.md, Orbax). The data iterator item is never read.
 """
 
 import dataclasses

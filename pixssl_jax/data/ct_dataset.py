@@ -81,7 +81,7 @@ class CtVolumes(tfds.core.GeneratorBasedBuilder):
         description=__doc__.split('\n')[0],
         features=tfds.features.FeaturesDict({
             # encoding='bytes': ArrayRecord already compresses each record with zstd, so
-            # zlib here gains nothing and builds 5x slower (PITFALLS.md).
+            # zlib here gains nothing and builds 5x slower (docs/pitfalls.md).
             'image': tfds.features.Tensor(shape=volume, dtype=np.int16, encoding='bytes'),
             # Unlabelled cases store a [2, 2, 2] zero dummy and has_label=False.
             'label': tfds.features.Tensor(shape=volume, dtype=np.uint8, encoding='bytes'),

@@ -3,7 +3,7 @@
 Views arrive in raw HU so the window jitter acts on real CT values (docs/design.md):
 the store's window `(lo, hi)` is shifted and widened/narrowed, the HU are scaled
 by it to `[0, 1]` and clipped, then blur, contrast, brightness, gamma and noise
-follow, each applied with probability `prob` (METHOD.md, "Views", intensity).
+follow, each applied with probability `prob` (docs/method.md, "Views").
 """
 from typing import Sequence
 

@@ -13,7 +13,7 @@ HD95 follows MONAI (`monai.metrics.compute_hausdorff_distance(..., percentile=95
 3. HD95 = max(p95(A -> B), p95(B -> A)), with `np.percentile` (linear interpolation).
 
 Libraries disagree on HD95 (medpy, DeepMind surface-distance and MONAI give different numbers
-on the same pair: `../shared/PITFALLS.md`), so this exact definition is what the docs state.
+on the same pair: docs/pitfalls.md), so this exact definition is what the docs state.
 
 Empty masks, per organ and case:
 - both empty: the organ is absent and correctly predicted absent; Dice and HD95 are NaN and
