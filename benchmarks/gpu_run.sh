@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurement as one prepared run (for the `device` tool, whose calls are short):
+# The GPU measurement as one prepared run, for a machine held only for a few minutes:
 # bfloat16 model FLOPs utilisation of the train step on the 3-D presets and the PyTorch ratio on
-# the same GPU, then the float32 3-D step for comparison. Results go to $OUT (the device tool's
+# the same GPU, then the float32 3-D step for comparison. Results go to $OUT (the caller's
 # output folder) or /tmp.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # PRESETS=3d64,btcv_3d,demo by default

@@ -1,4 +1,4 @@
-r"""One layer at the U-Net's shapes in the form kept and in the forms tried (issue 7).
+r"""One layer at the U-Net's shapes in the form kept and in the forms tried.
 
   PYTHONPATH=. python benchmarks/layer_forms.py
       [--only strided,dense,depth_taps,libraries,onednn,kernel_grad] [--reps 5]

@@ -1,4 +1,4 @@
-r"""A PyTorch port of the PixSSL network and pre-training step, the baseline of issue 7.
+r"""A PyTorch port of the PixSSL network and pre-training step: the speed baseline.
 
   pip install -r requirements-bench.txt   # benchmark-only: CI never installs torch
   PYTHONPATH=. python benchmarks/torch_reference.py --check [--preset tiny|demo|tiny3d]
