@@ -55,7 +55,8 @@ def test_store_returns_the_preprocessed_voxels_and_metadata(prepared):
   data_dir, _, expected = prepared
   store = case_store.CaseStore(data_dir)
   assert store.case_ids == ['c0', 'c1', 'c2', 'u0']
-  assert store.split('pretrain') == ['c0', 'c1', 'c2', 'u0']
+  # Pre-training sees the training cases and the unlabelled one, never val or test.
+  assert store.split('pretrain') == sorted(store.split('train_100') + ['u0'])
   assert store.hu_window == WINDOW and store.spacing == SPACING
   assert store.label_names == {0: 'background', 1: 'liver', 2: 'spleen'}
   for case_id, case in expected.items():
@@ -156,11 +157,12 @@ _HAVE_PHANTOMS = _have_phantoms()
 @pytest.mark.skipif(not _HAVE_PHANTOMS, reason='pixssl_jax/data/phantoms.py not written yet')
 def test_phantoms_prepare_case_store_end_to_end(tmp_path, capsys):
   path = default_dataset.ensure_phantom_store(tmp_path, num_cases=3, seed=1, shape_scale=0.25)
-  assert path == os.path.join(tmp_path, 'phantoms-v1-n3-s1-x0.25', 'store')
-  assert 'generating 3 phantom CT cases' in capsys.readouterr().out
+  assert path == os.path.join(tmp_path, 'phantoms-v2-n3-s1-x0.25', 'store')
+  assert 'generating 3 basic phantom CT cases' in capsys.readouterr().out
   store = case_store.CaseStore(path)
-  assert len(store.split('pretrain')) == 3 and store.label_names[1] == 'liver'
-  assert sorted(os.listdir(tmp_path)) == ['phantoms-v1-n3-s1-x0.25']  # no temp dirs left
+  assert len(store.case_ids) == 3 and store.label_names[1] == 'liver'
+  assert store.split('pretrain') == store.split('train_100')  # every phantom is labelled
+  assert sorted(os.listdir(tmp_path)) == ['phantoms-v2-n3-s1-x0.25']  # no temp dirs left
   case_id = store.split('train_100')[0]
   image, label = store.image(case_id), store.label(case_id)
   assert image.dtype == np.int16 and label.shape == image.shape
@@ -175,7 +177,7 @@ def test_phantoms_prepare_case_store_end_to_end(tmp_path, capsys):
 def _fake_phantoms(winner_store=None):
   """A stand-in generator writing 2 tiny MSD cases; optionally a rival finishes meanwhile."""
 
-  def generate_dataset(out_dir, num_cases, seed=0, shape_scale=1.0):
+  def generate_dataset(out_dir, num_cases, seed=0, shape_scale=1.0, family='basic'):
     rng = np.random.default_rng(seed)
     for sub in ('imagesTr', 'labelsTr'):
       os.makedirs(os.path.join(out_dir, sub))
@@ -201,11 +203,11 @@ def test_ensure_phantom_store_builds_once_and_yields_to_a_faster_rival(tmp_path,
   monkeypatch.setattr(pixssl_jax.data, 'phantoms', _fake_phantoms(), raising=False)
   monkeypatch.setitem(sys.modules, 'pixssl_jax.data.phantoms', pixssl_jax.data.phantoms)
   path = default_dataset.ensure_phantom_store(tmp_path, num_cases=2, seed=0, verbose=False)
-  assert path == os.path.join(tmp_path, 'phantoms-v1-n2-s0', 'store')
+  assert path == os.path.join(tmp_path, 'phantoms-v2-n2-s0', 'store')
   assert case_store.CaseStore(path).case_ids == ['p0', 'p1']
-  assert sorted(os.listdir(os.path.join(tmp_path, 'phantoms-v1-n2-s0'))) == ['raw', 'store']
+  assert sorted(os.listdir(os.path.join(tmp_path, 'phantoms-v2-n2-s0'))) == ['raw', 'store']
 
-  rival_dir = os.path.join(tmp_path, 'phantoms-v1-n2-s5')
+  rival_dir = os.path.join(tmp_path, 'phantoms-v2-n2-s5')
   fake = _fake_phantoms(winner_store=os.path.join(rival_dir, 'store'))
   monkeypatch.setattr(pixssl_jax.data, 'phantoms', fake)
   monkeypatch.setitem(sys.modules, 'pixssl_jax.data.phantoms', fake)
@@ -213,4 +215,4 @@ def test_ensure_phantom_store_builds_once_and_yields_to_a_faster_rival(tmp_path,
   assert path == os.path.join(rival_dir, 'store')
   with open(os.path.join(path, 'store.json')) as f:
     assert json.load(f) == {'winner': True}  # the rival's store is used, not replaced
-  assert sorted(os.listdir(tmp_path)) == ['phantoms-v1-n2-s0', 'phantoms-v1-n2-s5']
+  assert sorted(os.listdir(tmp_path)) == ['phantoms-v2-n2-s0', 'phantoms-v2-n2-s5']

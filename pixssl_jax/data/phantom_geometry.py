@@ -162,3 +162,46 @@ def ellipse_xy(dx, dy, a, b):
   ex, ey = dx / a, dy / b
   r = np.sqrt(ex * ex + ey * ey)
   return (r - 1.) * r / np.maximum(np.sqrt((ex / a)**2 + (ey / b)**2), 1e-6)
+
+
+def capsule(p0, p1, radius: float) -> Shape:
+  """Signed distance (mm) to a straight tube of `radius` from p0 to p1 with round ends."""
+  a, b = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+  ab = b - a
+  inv = 1. / max(float(ab @ ab), 1e-6)
+
+  def f(x, y, z):
+    d = (x - a[0], y - a[1], z - a[2])
+    t = np.clip((d[0] * ab[0] + d[1] * ab[1] + d[2] * ab[2]) * inv, 0., 1.)
+    return np.sqrt(sum((di - t * abi)**2 for di, abi in zip(d, ab))) - radius
+
+  return f
+
+
+def canvas_for_pose(shape, spacing, orientation: str, yaw: float, shift,
+                    fov_centre) -> Canvas:
+  """A blank canvas (air, label 0) for a voxel grid and a patient pose on the table.
+
+  Args:
+    shape: voxel counts (X, Y, Z).
+    spacing: voxel size in mm (x, y, z).
+    orientation: 'RAS' or 'LPS' voxel order.
+    yaw: patient rotation about the scanner z axis, radians.
+    shift: [3] world position of the anatomy origin, mm.
+    fov_centre: [3] world position of the grid centre, mm.
+  """
+  signs = np.array([1., 1., 1.]) if orientation == 'RAS' else np.array([-1., -1., 1.])
+  diag = signs * np.asarray(spacing, np.float64)
+  shift = np.asarray(shift, np.float64)
+  affine = np.eye(4)
+  affine[:3, :3] = np.diag(diag)
+  affine[:3, 3] = np.asarray(fov_centre) - diag * (np.array(shape) - 1) / 2
+  xw, yw, zw = (affine[a, 3] + diag[a] * np.arange(n) for a, n in enumerate(shape))
+  dxw, dyw = (xw - shift[0])[:, None, None], (yw - shift[1])[None, :, None]
+  c, s = np.cos(yaw), np.sin(yaw)  # Anatomy frame = rot^T (world - shift).
+  return Canvas(affine=affine, yaw=yaw, shift=shift,
+                xa=(c * dxw + s * dyw).astype(np.float32),
+                ya=(-s * dxw + c * dyw).astype(np.float32),
+                za=(zw - shift[2])[None, None, :].astype(np.float32),
+                hu=np.full(tuple(shape), -1000., np.float32),
+                label=np.zeros(tuple(shape), np.uint8))

@@ -4,6 +4,10 @@ Writes the Medical Segmentation Decathlon layout (`imagesTr/`, `labelsTr/`, `dat
 
   python -m pixssl_jax.data.phantoms --out /tmp/phantoms --num_cases 40 --seed 0
 
+This module renders the 'basic' family described here; `--family clinical` renders the harder
+one of `pixssl_jax.data.phantoms_clinical` (contrast phases, lesions, distractors, wide pose)
+through the same writer.
+
 Anatomy is built in patient world millimetres (nibabel's RAS+: +x patient Right, +y Anterior,
 +z Superior) and only then sampled on each case's voxel grid, so it is correct whatever the
 header orientation. Per case: smooth random shape (implicit surfaces = ellipsoids blended and
@@ -68,6 +72,7 @@ from pixssl_jax.data.phantom_geometry import uniform
 LABELS = {0: 'background', 1: 'liver', 2: 'spleen', 3: 'kidney_left', 4: 'kidney_right',
           5: 'aorta', 6: 'vertebrae'}
 HU_MIN, HU_MAX = -1024, 3071  # The 12-bit range CT scanners store.
+FAMILIES = ('basic', 'clinical')
 _PSF_SIGMA = 0.5  # In-plane PSF, voxels.
 
 
@@ -365,13 +370,22 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: pathlib.Path,
   img.to_filename(path)
 
 
+def _renderer(family: str):
+  """The function that renders one case of `family`."""
+  if family == 'basic':
+    return _render_case
+  # Imported here: the clinical family builds on this module.
+  from pixssl_jax.data import phantoms_clinical  # pylint: disable=g-import-not-at-top
+  return phantoms_clinical.render_case
+
+
 def _write_case(root: pathlib.Path, case_id: str, rng, shape_scale: float,
-                index: int) -> dict:
+                index: int, family: str = 'basic') -> dict:
   """Renders case `index` and writes its image and label; returns its metadata."""
   # Both header orientations and both storage conventions occur in any 4 consecutive cases.
   orientation = 'RAS' if index % 2 == 0 else 'LPS'
   scaled = index % 4 in (1, 2)
-  hu, label, affine, meta = _render_case(rng, shape_scale, orientation)
+  hu, label, affine, meta = _renderer(family)(rng, shape_scale, orientation)
   hu = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
   if scaled:  # Stored = HU + 1024 >= 0, as many scanners write it; readers apply the scaling.
     _save_nifti((hu + 1024).astype(np.int16), affine, root / 'imagesTr' / f'{case_id}.nii.gz',
@@ -387,7 +401,7 @@ def _write_case(root: pathlib.Path, case_id: str, rng, shape_scale: float,
 
 
 def generate_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
-                     shape_scale: float = 1.0) -> pathlib.Path:
+                     shape_scale: float = 1.0, family: str = 'basic') -> pathlib.Path:
   """Generates `num_cases` labelled CT phantoms in the Medical Segmentation Decathlon layout.
 
   The dataset is built in a temporary directory beside `out_dir` and renamed into place, so
@@ -399,6 +413,7 @@ def generate_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
     num_cases: number of cases, >= 1.
     seed: non-negative integer seed.
     shape_scale: scales the voxel counts (1.0: about 160x160x80), anatomy stays in mm.
+    family: 'basic' (this module) or 'clinical' (`phantoms_clinical`).
 
   Returns:
     The path of the dataset (`out_dir`), holding `imagesTr/case_XXXX.nii.gz`,
@@ -409,6 +424,8 @@ def generate_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
     raise ValueError(f'num_cases must be a positive integer, got {num_cases!r}')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+  if family not in FAMILIES:
+    raise ValueError(f'family must be one of {FAMILIES}, got {family!r}')
   if not 0.1 <= shape_scale <= 4.0:
     raise ValueError(f'shape_scale must be in [0.1, 4.0], got {shape_scale!r}')
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -423,7 +440,7 @@ def generate_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
     for i in range(num_cases):
       start = time.perf_counter()
       rng = np.random.default_rng([int(seed), i])
-      cases.append(_write_case(tmp, f'case_{i:04d}', rng, float(shape_scale), i))
+      cases.append(_write_case(tmp, f'case_{i:04d}', rng, float(shape_scale), i, family))
       logging.info('phantom %d/%d %s shape %s spacing %s (%.2f s)', i + 1, num_cases,
                    cases[-1]['orientation'], cases[-1]['shape'], cases[-1]['spacing'],
                    time.perf_counter() - start)
@@ -440,6 +457,11 @@ def generate_dataset(out_dir: str | os.PathLike, num_cases: int, seed: int = 0,
         'test': [],
         'phantom': {'seed': int(seed), 'shape_scale': float(shape_scale), 'cases': cases},
     }
+    if family != 'basic':  # The basic family's dataset.json stays as it always was.
+      dataset['name'] = f'pixssl_phantom_{family}'
+      dataset['description'] = ('Synthetic multi-phase abdominal CT phantoms '
+                                f'(pixssl_jax.data.phantoms_{family})')
+      dataset['phantom']['family'] = family
     (tmp / 'dataset.json').write_text(json.dumps(dataset, indent=2) + '\n')
     os.chmod(tmp, 0o755)  # mkdtemp makes it private.
     if out.exists():
@@ -457,10 +479,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--num_cases', type=int, default=40)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--shape_scale', type=float, default=1.0)
+  parser.add_argument('--family', default='basic', choices=FAMILIES,
+                      help="'basic' (this module) or 'clinical' (phantoms_clinical)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   start = time.perf_counter()
-  path = generate_dataset(args.out, args.num_cases, args.seed, args.shape_scale)
+  path = generate_dataset(args.out, args.num_cases, args.seed, args.shape_scale, args.family)
   print(f'wrote {args.num_cases} phantoms to {path} in {time.perf_counter() - start:.1f} s')
 
 
