@@ -392,7 +392,7 @@ class TorchPretrainStep:
                                     torch.cat([t2, t1], 0), model.pixel_stride)
     discrepancy = cosine_discrepancy(pred_pix, matched)
     mask = valid.to(discrepancy.dtype)
-    weight = torch.exp(-uncertainty / float(method.tau)) * mask
+    weight = torch.exp(-uncertainty / float(method.tau_absolute)) * mask
     total = weight.sum()
     loss_pixel = torch.where(total > 0, (weight * discrepancy).sum()
                              / torch.where(total > 0, total, 1.0), 0.0)

@@ -32,14 +32,19 @@ def _data_config() -> ml_collections.ConfigDict:
   data.phantom_seed = 0
   data.phantom_shape_scale = 1.0
   data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
+  # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
+  # pixssl_jax.data.phantoms_clinical).
+  data.phantom_family = 'basic'
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
   data.patch_size = (128, 128)
-  # Spatial augmentation [default]: overlapping random crops, flips, axial rot90.
+  # Spatial augmentation [default]: overlapping random crops, resized.
   data.region_scale = 2.0  # The region both views come from: region_scale * patch, per axis.
   data.min_overlap = 0.3  # Least fraction of each view's voxels that the other view also shows.
   data.scale_range = (0.7, 1.4)  # Crop side / patch side (log-uniform), resized to the patch.
-  data.flip = True
-  data.rot90 = True
+  # No flips, no axial quarter turns: both swap left and right (kidney_left/right, liver and
+  # spleen sides), as fine-tuning's flips would; True, True restore the natural-image views.
+  data.flip = False
+  data.rot90 = False
   data.min_body_fraction = 0.05  # 2-D: draw slices with at least this fraction of body voxels.
   # Intensity augmentation [default], applied independently to each view.
   data.intensity = ml_collections.ConfigDict()
@@ -73,6 +78,10 @@ def _model_config() -> ml_collections.ConfigDict:
   # positions, as PixPro). See docs/BENCHMARKS.md, low-label benchmark, for why it matters.
   model.pixel_norm = 'group'
   model.pixel_level = 2  # Decoder level of the pixel features: stride 2**pixel_level.
+  # The pixel projector also reads the finer decoder levels, average-pooled onto that grid, so
+  # pre-training trains the full-resolution decoder the segmentation head reads; False: level
+  # pixel_level only (levels below it then keep their initial weights).
+  model.pixel_hypercolumn = True
   model.pixel_proj_dim = 64
   model.stabilizer_hidden = 64  # Context stabilizer: 1x1-conv MLP with dropout [default].
   model.stabilizer_dropout = 0.1
@@ -80,18 +89,26 @@ def _model_config() -> ml_collections.ConfigDict:
 
 
 def _method_config() -> ml_collections.ConfigDict:
-  """Loss terms, MC dropout and uncertainty weighting (see ../shared/METHOD.md)."""
+  """Loss terms, MC dropout and uncertainty weighting (see ../docs/method.md)."""
   method = ml_collections.ConfigDict()
   method.use_global = True  # Global consistency [paper].
   method.use_pixel = True  # Pixel consistency [paper].
   method.use_stabilizer = True  # Context stabilizer [paper]; False: compare projections directly.
   method.mc_samples = 8  # K dropout samples [default]; 1: no MC dropout, no uncertainty.
   method.weighting = 'exp'  # 'exp' [default] | 'kendall' | 'threshold' | 'none'.
-  # The uncertainty u is a channel-mean variance of unit vectors, so 0 <= u <= 1/pixel_proj_dim;
-  # tau and the thresholds are absolute values on that scale.
-  method.tau = 2e-3  # 'exp': w = exp(-u / tau).
-  method.kendall_eps = 1e-3  # 'kendall': s = log(u + eps).
-  method.threshold_start = 2e-3  # 'threshold': keep u < t, t ramped start -> end (UA-MT ramp).
+  # The uncertainty u is a channel-mean variance of unit vectors, so 0 <= u <= 1/pixel_proj_dim,
+  # and it shrinks several fold during training. 'relative' [default] measures u against the
+  # batch (exp, threshold) or against 1/pixel_proj_dim (kendall), so the weighting keeps its
+  # strength; 'absolute' uses raw u with tau_absolute and threshold_start/end on u's scale.
+  method.weighting_scale = 'relative'  # 'relative' | 'absolute'.
+  method.tau = 1.0  # 'exp' relative: w = exp(-clip(z, -3, 3) / tau), z = u standardised.
+  method.tau_absolute = 2e-3  # 'exp' absolute: w = exp(-u / tau_absolute).
+  method.kendall_eps = 1e-3  # 'kendall': s = log(pixel_proj_dim * u + eps); absolute log(u + eps).
+  # 'threshold' relative: keep the most certain fraction of valid pixels, ramped start -> end.
+  method.threshold_keep_start = 0.5
+  method.threshold_keep_end = 0.9
+  # 'threshold' absolute: keep u < t, t ramped start -> end (UA-MT ramp).
+  method.threshold_start = 2e-3
   method.threshold_end = 4e-3
   method.lambda_global = 1.0
   method.lambda_pixel = 1.0
@@ -113,6 +130,9 @@ def _optim_config() -> ml_collections.ConfigDict:
   optim.weight_decay = 1e-4
   optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
   optim.ema_momentum = 0.996  # Teacher momentum m0, cosine-ramped to 1 [default: BYOL].
+  # Share of its (random) initialisation the teacher may still hold after the last step: m0 is
+  # lowered below ema_momentum for runs too short to reach it; 0: m0 = ema_momentum.
+  optim.ema_final_init_share = 1e-3
   return optim
 
 

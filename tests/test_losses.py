@@ -146,49 +146,198 @@ def test_global_consistency_is_symmetrised_byol():
   assert float(losses.global_consistency(pred1, pred2, target1, target2)) == pytest.approx(1.5)
 
 
-def test_weighted_pixel_loss_forms_by_hand():
+def test_weighted_pixel_loss_absolute_forms_by_hand():
   tau, eps = 0.5, 0.01
   d = jnp.array([[1.0, 2.0, 3.0, 4.0]])
   valid = jnp.array([[True, True, True, False]])
   # 'exp': u = tau * ln(1, 2, 4) gives weights 1, 1/2, 1/4.
   u = jnp.array([[0.0, tau * np.log(2.0), tau * np.log(4.0), 0.0]])
-  got = losses.weighted_pixel_loss(d, valid, u, form='exp', tau=tau)
+  got = losses.weighted_pixel_loss(d, valid, u, form='exp', scale='absolute', tau=tau)
   assert float(got) == pytest.approx((1 + 0.5 * 2 + 0.25 * 3) / 1.75, rel=1e-6)
   # 'kendall': u + eps = 1, e, e^2 -> s = 0, 1, 2.
   uk = jnp.array([[1.0, np.e, np.e ** 2, 5.0]]) - eps
-  got = losses.weighted_pixel_loss(d, valid, uk, form='kendall', eps=eps)
+  got = losses.weighted_pixel_loss(d, valid, uk, form='kendall', scale='absolute', eps=eps)
   expected = ((1.0 + 0.0) + (2.0 / np.e + 1.0) + (3.0 / np.e ** 2 + 2.0)) / 3
   assert float(got) == pytest.approx(expected, rel=1e-5)
   # 'threshold': only u < t counts (pixels 0 and 1).
-  got = losses.weighted_pixel_loss(d, valid, u, form='threshold', threshold=0.5)
+  got = losses.weighted_pixel_loss(d, valid, u, form='threshold', scale='absolute',
+                                   threshold=0.5)
   assert float(got) == pytest.approx(1.5)
   got = losses.weighted_pixel_loss(d, valid, u, form='none')
   assert float(got) == pytest.approx(2.0)
 
 
+def test_weighted_pixel_loss_relative_forms_by_hand():
+  d = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+  valid = jnp.array([[True, True, True, False]])
+  # Valid u = 1, 2, 3: mean 2, std sqrt(2/3); the invalid pixel's u does not count.
+  u = jnp.array([[1.0, 2.0, 3.0, 100.0]])
+  z = np.array([-1.0, 0.0, 1.0]) / np.sqrt(2.0 / 3.0)
+  w = np.exp(-z / 2.0)
+  got, weights = losses.uncertainty_weighting(d, valid, u, form='exp', tau=2.0)
+  assert float(got) == pytest.approx(np.sum(w * [1, 2, 3]) / np.sum(w), rel=1e-5)
+  np.testing.assert_allclose(weights, [list(w) + [0.0]], rtol=1e-5)
+  # 'kendall': s = log(C u + eps) with C u + eps = 1, e, e^2.
+  c, eps = 4, 0.01
+  uk = (jnp.array([[1.0, np.e, np.e ** 2, 5.0]]) - eps) / c
+  got = losses.weighted_pixel_loss(d, valid, uk, form='kendall', eps=eps, num_channels=c)
+  expected = ((1.0 + 0.0) + (2.0 / np.e + 1.0) + (3.0 / np.e ** 2 + 2.0)) / 3
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  # 'threshold': the 2/3 most certain valid pixels, u = 1 and 2.
+  got = losses.weighted_pixel_loss(d, valid, u, form='threshold', keep_fraction=2 / 3)
+  assert float(got) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize('scale', losses.WEIGHTING_SCALES)
 @pytest.mark.parametrize('form', losses.WEIGHTING_FORMS)
-def test_weighted_pixel_loss_no_valid_pixel_is_zero_not_nan(form):
+def test_weighted_pixel_loss_no_valid_pixel_is_zero_not_nan(form, scale):
   d, u = jnp.ones((2, 3)), jnp.full((2, 3), 0.1)
   valid = jnp.zeros((2, 3), bool)
 
   def f(d, u):
-    return losses.weighted_pixel_loss(d, valid, u, form=form, tau=0.1, eps=1e-3, threshold=1.0)
+    return losses.weighted_pixel_loss(d, valid, u, form=form, scale=scale, tau=0.1, eps=1e-3,
+                                      threshold=1.0, keep_fraction=0.5, num_channels=4)
 
   assert float(f(d, u)) == 0.0
   gd, gu = jax.grad(f, argnums=(0, 1))(d, u)
   assert np.all(np.asarray(gd) == 0) and np.all(np.asarray(gu) == 0)
 
 
-def test_weighted_pixel_loss_rejects_unknown_form():
+def test_weighted_pixel_loss_rejects_unknown_form_and_scale():
   with pytest.raises(ValueError, match='weighting'):
     losses.weighted_pixel_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='softmax')
+  with pytest.raises(ValueError, match='weighting_scale'):
+    losses.weighted_pixel_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='exp', scale='log')
 
 
-def test_exp_weights_carry_no_gradient():
+@pytest.mark.parametrize('scale', losses.WEIGHTING_SCALES)
+def test_exp_weights_carry_no_gradient(scale):
   d, valid = jnp.array([1.0, 3.0]), jnp.array([True, True])
-  g = jax.grad(lambda u: losses.weighted_pixel_loss(d, valid, u, form='exp', tau=1.0))(
-      jnp.array([0.1, 0.2]))
+  g = jax.grad(lambda u: losses.weighted_pixel_loss(d, valid, u, form='exp', scale=scale,
+                                                    tau=1.0))(jnp.array([0.1, 0.2]))
   np.testing.assert_array_equal(np.asarray(g), [0.0, 0.0])
+
+
+def _spread_out_uncertainty(shape=(4, 16, 16), seed=0):
+  """Log-normal u around 1e-3 (the stabilizer's scale early in training), with 10% invalid."""
+  rng = np.random.default_rng(seed)
+  u = 1e-3 * np.exp(0.5 * rng.normal(size=shape))
+  d = rng.uniform(0.2, 1.0, size=shape)
+  valid = rng.random(shape) > 0.1
+  return (jnp.asarray(d, jnp.float32), jnp.asarray(valid), jnp.asarray(u, jnp.float32))
+
+
+def test_relative_exp_weights_are_far_from_uniform_at_any_scale():
+  d, valid, u = _spread_out_uncertainty()
+  loss, w = losses.uncertainty_weighting(d, valid, u, form='exp', tau=1.0)
+  stats = losses.weight_statistics(w, valid)
+  assert float(stats['weight_cv']) > 0.3 and float(stats['weight_ess']) < 0.9
+  assert float(stats['keep_fraction']) == 1.0
+  # Only u relative to the batch matters: u and 1000 u (or u / 100) give the same weights.
+  for factor in (1000.0, 0.01):
+    loss_s, w_s = losses.uncertainty_weighting(d, valid, factor * u, form='exp', tau=1.0)
+    np.testing.assert_allclose(w_s, w, rtol=1e-4, atol=1e-7)
+    assert float(loss_s) == pytest.approx(float(loss), rel=1e-5)
+  # The absolute form at the old tau hardly weights the same batch.
+  _, w_abs = losses.uncertainty_weighting(d, valid, u, form='exp', scale='absolute', tau=2e-3)
+  assert float(losses.weight_statistics(w_abs, valid)['weight_ess']) > 0.9
+  # Confident pixels weigh more.
+  w, u = np.asarray(w), np.asarray(u)
+  v = np.asarray(valid)
+  assert w[v][np.argmin(u[v])] > w[v][np.argmax(u[v])]
+
+
+@pytest.mark.parametrize('fraction', [0.25, 0.5, 0.9, 1.0])
+def test_relative_threshold_keeps_the_asked_fraction_of_most_certain_pixels(fraction):
+  d, valid, u = _spread_out_uncertainty()
+  _, keep = losses.uncertainty_weighting(d, valid, u, form='threshold', keep_fraction=fraction)
+  keep, v, u = np.asarray(keep) > 0, np.asarray(valid), np.asarray(u)
+  assert not np.any(keep & ~v)
+  assert keep.sum() == int(np.floor(fraction * v.sum() + 0.5))  # round half up
+  if fraction < 1:
+    assert u[keep].max() < u[v & ~keep].min()
+  stats = losses.weight_statistics(keep.astype(np.float32), jnp.asarray(v))
+  assert float(stats['keep_fraction']) == pytest.approx(fraction, abs=1 / v.sum())
+  assert float(stats['weight_ess']) == pytest.approx(float(stats['keep_fraction']), rel=1e-6)
+
+
+def test_relative_kendall_terms_are_order_one():
+  """With s = log(C u + eps) both terms are O(1) for d ~ 0.3-1 at u's actual scale."""
+  c = 64
+  d, valid, u = _spread_out_uncertainty()  # C u ~ 0.06, as at initialisation
+  v = np.asarray(valid)
+  s = np.log(c * np.asarray(u) + 1e-3)[v]
+  scaled = (np.asarray(d)[v] * np.exp(-s))
+  assert 1 < np.mean(np.abs(s)) < 5 and 1 < np.mean(scaled) < 30
+  loss = losses.weighted_pixel_loss(d, valid, u, form='kendall', eps=1e-3, num_channels=c)
+  assert abs(float(loss)) < 30
+  absolute = losses.weighted_pixel_loss(d, valid, u, form='kendall', scale='absolute', eps=1e-3)
+  assert float(absolute) > 100  # the mis-scaled paper form on the same u
+  # The gradient in log u pulls C u towards d: down where C u > d, up where C u < d.
+  g = jax.grad(lambda x: losses.weighted_pixel_loss(
+      d, valid, jnp.exp(x), form='kendall', eps=1e-3, num_channels=c))(jnp.log(u))
+  g = np.asarray(g)[v]
+  ratio = (c * np.asarray(u) / np.asarray(d))[v]
+  assert np.all(g[ratio > 1.1] > 0) and np.all(g[ratio < 0.9] < 0)
+
+
+def test_weight_statistics_by_hand():
+  valid = jnp.array([True, True, True, True, False])
+  uniform = losses.weight_statistics(jnp.full(5, 0.3), valid)
+  assert float(uniform['weight_cv']) == pytest.approx(0.0, abs=1e-6)
+  assert float(uniform['weight_ess']) == pytest.approx(1.0)
+  assert float(uniform['keep_fraction']) == 1.0
+  half = losses.weight_statistics(jnp.array([1.0, 1.0, 0.0, 0.0, 7.0]), valid)
+  assert float(half['weight_ess']) == pytest.approx(0.5)
+  assert float(half['weight_cv']) == pytest.approx(1.0)
+  assert float(half['keep_fraction']) == 0.5
+  none = losses.weight_statistics(jnp.ones(5), jnp.zeros(5, bool))
+  assert all(float(v) == 0.0 for v in none.values())
+
+
+def test_spearman_by_hand():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
+  valid = jnp.asarray(rng.random((3, 50)) > 0.2)
+  # Rank correlation: any increasing function gives 1, any decreasing one -1.
+  assert float(losses.spearman(x, jnp.exp(3 * x), valid)) == pytest.approx(1.0, abs=1e-6)
+  assert float(losses.spearman(x, -x ** 3, valid)) == pytest.approx(-1.0, abs=1e-6)
+  # Invalid entries do not count, even when they break the monotone relation.
+  y = jnp.where(valid, x, -x)
+  assert float(losses.spearman(x, y, valid)) == pytest.approx(1.0, abs=1e-6)
+  # Against numpy's rank correlation, on the subsample too.
+  y = x + jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
+  v = np.asarray(valid)
+  rx = np.argsort(np.argsort(np.asarray(x)[v]))
+  ry = np.argsort(np.argsort(np.asarray(y)[v]))
+  assert float(losses.spearman(x, y, valid)) == pytest.approx(np.corrcoef(rx, ry)[0, 1],
+                                                              abs=1e-5)
+  sub = float(losses.spearman(x, y, valid, max_cells=60))  # every third entry
+  xs, ys, vs = (np.asarray(a).reshape(-1)[::3] for a in (x, y, valid))
+  rx, ry = np.argsort(np.argsort(xs[vs])), np.argsort(np.argsort(ys[vs]))
+  assert sub == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-5)
+  # A constant (u = 0 without MC dropout) has no correlation.
+  assert float(losses.spearman(jnp.zeros((3, 50)), y, valid)) == 0.0
+
+
+def test_valid_ranks_ignore_invalid_entries():
+  x = jnp.array([5.0, -1.0, 3.0, 0.0])
+  ranks = losses.valid_ranks(x, jnp.array([True, False, True, True]))
+  np.testing.assert_array_equal(np.asarray(ranks)[[0, 2, 3]], [2, 1, 0])
+  assert int(ranks[1]) >= 3
+
+
+def test_effective_rank_of_isotropic_and_collapsed_features():
+  rng = np.random.default_rng(0)
+  isotropic = jnp.asarray(rng.normal(size=(2, 40, 40, 8)), jnp.float32)
+  assert 7.5 < float(losses.effective_rank(isotropic)) <= 8.0
+  line = jnp.asarray(rng.normal(size=(500, 1)) * rng.normal(size=(1, 8)) + 3.0, jnp.float32)
+  assert float(losses.effective_rank(line)) == pytest.approx(1.0, abs=0.05)
+  assert float(losses.effective_rank(jnp.ones((50, 8)))) == 0.0
+  # Two equal directions: rank 2, also on a strided subsample.
+  two = jnp.asarray(np.concatenate([rng.normal(size=(4000, 2)), np.zeros((4000, 6))], 1),
+                    jnp.float32)
+  assert float(losses.effective_rank(two, max_samples=1000)) == pytest.approx(2.0, abs=0.1)
 
 
 def test_mc_dropout_statistics_by_hand():

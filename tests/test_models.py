@@ -18,10 +18,11 @@ INIT_KEY = jax.random.key(0, impl='rbg')
 PRESETS = {
     'tiny': (2, dict(TINY, pixel_level=1), 32),
     'demo': (2, dict(features=(16, 32, 64, 128), num_groups=8, proj_hidden=256, proj_dim=128,
-                     pixel_level=2, pixel_proj_dim=64, stabilizer_hidden=128,
-                     stabilizer_dropout=0.1, head_norm='batch'), 128),
+                     pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=64,
+                     stabilizer_hidden=128, stabilizer_dropout=0.1, head_norm='batch'), 128),
     'btcv_3d': (3, dict(features=(32, 64, 128, 256), num_groups=8, proj_hidden=1024,
-                        proj_dim=256, pixel_level=2, pixel_proj_dim=128, stabilizer_hidden=256,
+                        proj_dim=256, pixel_level=2, pixel_hypercolumn=True,
+                        pixel_proj_dim=128, stabilizer_hidden=256,
                         stabilizer_dropout=0.1, head_norm='batch'), 96),
 }
 
@@ -126,6 +127,35 @@ def test_presets_build_and_trace(name):
   assert out['pixel_proj'].shape == (2, *grid, fields['pixel_proj_dim'])
   assert out['global_pred'].shape == (2, fields['proj_dim'])
   assert model.downsampling_factor == 2 ** (len(fields['features']) - 1)
+
+
+def test_hypercolumn_concatenates_pooled_finer_levels():
+  fields = dict(TINY, features=(8, 16, 32, 64))
+  plain = build_model(_cfg(fields), ndim=2)
+  hyper = build_model(_cfg(dict(fields, pixel_hypercolumn=True)), ndim=2)
+  assert not plain.pixel_hypercolumn and hyper.pixel_hypercolumn
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 1)), jnp.float32)
+  params = jax.jit(lambda k: init_params(hyper, k, (1, 16, 16, 1)))(INIT_KEY)
+  # The projector reads 8 + 16 + 32 channels instead of 32; the backbone tree is unchanged.
+  assert params['pixel_projector']['conv0']['kernel'].shape[0] == 56
+  plain_params = jax.eval_shape(lambda k: init_params(plain, k, (1, 16, 16, 1)), INIT_KEY)
+  assert (jax.tree.map(lambda a: a.shape, plain_params['backbone'])
+          == jax.tree.map(lambda a: a.shape, params['backbone']))
+
+  def features(p, x):
+    _, decoder = UNet(2, fields['features'], 4).apply({'params': p['backbone']}, x)
+    return decoder, hyper.apply({'params': p}, decoder, method=PixSSLModel.pixel_features)
+
+  decoder, got = jax.jit(features)(params, x)
+  assert got.shape == (2, 4, 4, 56)
+  d0, d1, d2 = (np.asarray(f) for f in decoder[:3])
+  np.testing.assert_allclose(got[..., :8], d0.reshape(2, 4, 4, 4, 4, 8).mean((2, 4)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[..., 8:24], d1.reshape(2, 4, 2, 4, 2, 16).mean((2, 4)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[..., 24:], d2)
+  out = jax.jit(lambda p, x: hyper.apply({'params': p}, x))(params, x)
+  assert out['pixel_proj'].shape == (2, 4, 4, fields['pixel_proj_dim'])
 
 
 def test_model_runs_in_bfloat16(tiny):

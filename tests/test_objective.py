@@ -15,11 +15,14 @@ from pixssl_jax.train.objective import stabilized_prediction
 from pixssl_jax.train.objective import default_method_config, pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
-            pixel_level=2, pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.2,
-            head_norm='batch')
+            pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=16, stabilizer_hidden=32,
+            stabilizer_dropout=0.2, head_norm='batch')
 PATCH = 16  # pixel grid 4x4 at stride 4
+DIAGNOSTICS = {'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
+               'pixel_effective_rank'}
 METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance',
-           'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction', 'projection_std'}
+           'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction', 'projection_std'
+           } | DIAGNOSTICS
 
 
 def _transform(offset, flip0=False):
@@ -97,6 +100,7 @@ def test_each_ablation_switch_removes_exactly_its_term(full):
   assert float(loss_g) == pytest.approx(2.0 * float(m['loss_global']), rel=1e-6)
   assert float(mg['loss_pixel']) == 0.0 and float(mg['overlap_fraction']) == 0.0
   assert float(mg['loss_variance']) == 0.0 and float(mg['loss_covariance']) == 0.0
+  assert all(float(mg[name]) == 0.0 for name in DIAGNOSTICS)
   loss_s, ms = _loss(_cfg(lambda_variance=0.0, lambda_covariance=0.0))
   assert float(loss_s) == pytest.approx(
       2.0 * float(m['loss_global']) + 0.5 * float(m['loss_pixel']), rel=1e-6)
@@ -150,7 +154,11 @@ def test_gradients_reach_the_student_only():
 
 @pytest.mark.parametrize('overrides', [
     dict(weighting='kendall'),
-    dict(weighting='threshold', threshold_start=0.0, threshold_end=1.0),
+    dict(weighting='kendall', weighting_scale='absolute'),
+    dict(weighting='threshold'),
+    dict(weighting='threshold', weighting_scale='absolute', threshold_start=0.0,
+         threshold_end=1.0),
+    dict(weighting='exp', weighting_scale='absolute'),
     dict(match='distance'),
 ])
 def test_other_forms_run(full, overrides):
@@ -163,10 +171,69 @@ def test_other_forms_run(full, overrides):
 def test_threshold_ramp_selects_pixels():
   """A threshold of 0 keeps no pixel (loss 0); one above every u keeps them all."""
   _, none = _loss(_cfg(weighting='none'))
-  _, closed = _loss(_cfg(weighting='threshold', threshold_start=0.0, threshold_end=0.0))
-  _, open_ = _loss(_cfg(weighting='threshold', threshold_start=1.0, threshold_end=1.0))
-  assert float(closed['loss_pixel']) == 0.0
+  absolute = dict(weighting='threshold', weighting_scale='absolute')
+  _, closed = _loss(_cfg(threshold_start=0.0, threshold_end=0.0, **absolute))
+  _, open_ = _loss(_cfg(threshold_start=1.0, threshold_end=1.0, **absolute))
+  assert float(closed['loss_pixel']) == 0.0 and float(closed['keep_fraction']) == 0.0
   assert float(open_['loss_pixel']) == pytest.approx(float(none['loss_pixel']), rel=1e-6)
+  assert float(open_['keep_fraction']) == 1.0
+
+
+def test_relative_threshold_keeps_the_ramped_fraction():
+  """Valid cells: 2 x (6 + 12) = 36; keep fraction ramps 0.25 -> 0.75 over 10 steps."""
+  cfg = _cfg(weighting='threshold', threshold_keep_start=0.25, threshold_keep_end=0.75)
+  _, start = _loss(cfg, step=0)
+  _, end = _loss(cfg, step=10)
+  first = 0.25 + 0.5 * np.exp(-5.0)
+  assert float(start['keep_fraction']) == pytest.approx(np.floor(first * 36 + 0.5) / 36)
+  assert float(end['keep_fraction']) == pytest.approx(27 / 36)
+  assert float(end['weight_ess']) == pytest.approx(27 / 36, rel=1e-6)
+
+
+def test_diagnostics_of_the_step():
+  _, m = _loss(_cfg())
+  # Relative 'exp' weights: far from uniform, every valid cell kept.
+  assert float(m['weight_cv']) > 0.3 and 0 < float(m['weight_ess']) < 0.9
+  assert float(m['keep_fraction']) == 1.0
+  assert -1.0 <= float(m['uncertainty_spearman']) <= 1.0
+  assert 1.0 < float(m['pixel_effective_rank']) <= 16.0
+  # Uniform weights: cv 0, effective sample fraction 1.
+  _, plain = _loss(_cfg(weighting='none'))
+  assert float(plain['weight_cv']) == pytest.approx(0.0, abs=1e-6)
+  assert float(plain['weight_ess']) == pytest.approx(1.0)
+  assert float(plain['pixel_effective_rank']) == pytest.approx(float(m['pixel_effective_rank']))
+  # Without MC dropout u = 0: uniform weights and no rank correlation.
+  _, one = _loss(_cfg(mc_samples=1))
+  assert float(one['weight_ess']) == pytest.approx(1.0)
+  assert float(one['uncertainty_spearman']) == 0.0
+
+
+def test_method_configs_without_scale_fields_keep_the_absolute_forms():
+  """A config written before `weighting_scale` existed: absolute 'exp' with its `tau`."""
+  old = _cfg(tau=2e-3)
+  del old['weighting_scale'], old['tau_absolute']
+  loss_old, _ = _loss(old)
+  loss_abs, _ = _loss(_cfg(weighting_scale='absolute', tau_absolute=2e-3))
+  assert float(loss_old) == pytest.approx(float(loss_abs), rel=1e-6)
+
+
+@pytest.mark.parametrize('hypercolumn', [True, False])
+def test_hypercolumn_trains_every_decoder_level(hypercolumn):
+  """With the hypercolumn the pixel loss reaches decoder levels 0, 1, 2 (and up-convs)."""
+  fields = dict(TINY, features=(8, 16, 32, 64), pixel_hypercolumn=hypercolumn)
+  model = build_model(ml_collections.ConfigDict(fields), ndim=2)
+  _, _, _, batch = _setup()
+  init = jax.jit(lambda k: init_params(model, k, (1, PATCH, PATCH, 1)))
+  params, ema = init(jax.random.key(0, impl='rbg')), init(jax.random.key(1, impl='rbg'))
+  f = functools.partial(pretrain_loss, batch=batch, key=jax.random.key(3), step=0, model=model,
+                        method_cfg=_cfg(use_global=False), num_steps=10)
+  grads = jax.jit(jax.grad(lambda p: f(p, ema)[0]))(params)['backbone']
+  for name in ('dec0', 'dec1', 'dec2', 'up0', 'up1', 'up2'):
+    norm = sum(float(jnp.linalg.norm(x)) for x in jax.tree_util.tree_leaves(grads[name]))
+    if hypercolumn or name in ('dec2', 'up2'):
+      assert np.isfinite(norm) and norm > 0, name
+    else:  # the pixel_level grid alone leaves the finer levels untrained
+      assert norm == 0.0, name
 
 
 def test_jit_with_static_model_and_config_matches_eager(full):

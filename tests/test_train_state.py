@@ -18,6 +18,43 @@ def test_ema_momentum_follows_byol_cosine():
   np.testing.assert_allclose(state_lib.ema_momentum(150, total, m0), 1.0, atol=1e-7)
 
 
+@pytest.mark.parametrize('num_steps', [4, 180, 300, 20_000])
+def test_derived_momentum_leaves_at_most_the_configured_share(num_steps):
+  share = 1e-3
+  m0 = state_lib.derived_ema_momentum(num_steps, share)
+  # The product of the float32 momenta the step applies, over the whole run.
+  momenta = np.asarray(state_lib.ema_momentum(np.arange(num_steps), num_steps, m0), np.float64)
+  final = np.prod(momenta)
+  assert 0.99 * share < final <= share
+  np.testing.assert_allclose(state_lib.teacher_init_share(num_steps, num_steps, m0), final,
+                             rtol=1e-3)
+  # Nothing is left to move after the last step.
+  assert float(state_lib.teacher_init_share(num_steps + 7, num_steps, m0)) == pytest.approx(
+      float(state_lib.teacher_init_share(num_steps, num_steps, m0)))
+
+
+def test_teacher_init_share_by_hand():
+  m0, total = 0.9, 4
+  momenta = [1 - 0.1 * (np.cos(np.pi * k / total) + 1) / 2 for k in range(total)]
+  for step in range(total + 1):
+    np.testing.assert_allclose(state_lib.teacher_init_share(jnp.int32(step), total, m0),
+                               np.prod(momenta[:step]), rtol=1e-6)
+
+
+def test_base_momentum_is_byol_for_long_runs_and_lowered_for_short_ones():
+  cfg = _optim(ema_momentum=0.996, ema_final_init_share=1e-3)
+  assert state_lib.base_ema_momentum(cfg, 20_000) == 0.996  # BYOL's m0 already leaves e^-40
+  short = state_lib.base_ema_momentum(cfg, 300)
+  assert short == pytest.approx(state_lib.derived_ema_momentum(300, 1e-3)) and short < 0.96
+  # With the share 0 or None, or absent from an older config, m0 is ema_momentum.
+  for off in (0.0, None):
+    assert state_lib.base_ema_momentum(_optim(ema_momentum=0.996, ema_final_init_share=off),
+                                       300) == 0.996
+  assert state_lib.base_ema_momentum(_optim(ema_momentum=0.996), 300) == 0.996
+  with pytest.raises(ValueError, match='ema_final_init_share'):
+    state_lib.derived_ema_momentum(300, 1.5)
+
+
 def test_ema_update_by_hand():
   teacher = {'w': jnp.array([1.0, 2.0]), 'b': jnp.array(4.0)}
   student = {'w': jnp.array([3.0, 0.0]), 'b': jnp.array(0.0)}

@@ -45,9 +45,11 @@ def test_one_and_eight_devices_agree(tiny_config, one_device_step):
 def test_step_updates_student_and_moves_teacher_by_ema(tiny_config, one_device_step):
   before, after, metrics = one_device_step
   assert int(after.step) == 1
-  momentum = float(state_lib.ema_momentum(0, tiny_config.num_steps,
-                                          tiny_config.optim.ema_momentum))
+  base = state_lib.base_ema_momentum(tiny_config.optim, tiny_config.num_steps)
+  momentum = float(state_lib.ema_momentum(0, tiny_config.num_steps, base))
   np.testing.assert_allclose(metrics['ema_momentum'], momentum, rtol=1e-6)
+  # One update keeps m0 of the initialisation.
+  np.testing.assert_allclose(metrics['teacher_init_share'], momentum, rtol=1e-5)
   expected = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * s,
                           before.ema_params, after.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -55,6 +57,9 @@ def test_step_updates_student_and_moves_teacher_by_ema(tiny_config, one_device_s
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before.params, after.params)
   assert any(jax.tree.leaves(changed)), 'the optimizer did not move the student'
   for key in ('loss', 'loss_global', 'loss_pixel', 'uncertainty_mean', 'uncertainty_p90',
-              'overlap_fraction', 'ema_momentum', 'lr', 'grad_norm'):
+              'overlap_fraction', 'ema_momentum', 'lr', 'grad_norm', 'teacher_init_share',
+              'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
+              'pixel_effective_rank'):
     assert np.isfinite(metrics[key]), key
+    assert metrics[key].dtype == np.float32 and metrics[key].shape == (), key
   assert 0.0 < metrics['overlap_fraction'] < 1.0

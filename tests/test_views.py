@@ -267,3 +267,19 @@ def test_intensity_augmentation_changes_values_deterministically():
   cfg.intensity.prob = 0.0
   np.testing.assert_array_equal(
       intensity.augment_intensity(hu, np.random.default_rng(0), cfg.intensity, WINDOW), plain)
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_pretrain_defaults_keep_left_and_right(ndim):
+  """configs/pretrain.py: no flips, no quarter turns, so x (left-right) stays x, unmirrored."""
+  from pixssl_jax import config_files  # Imported here: only this test reads the presets.
+  data = config_files.load('pretrain', 'demo').data
+  assert not data.flip and not data.rot90
+  cfg = _cfg(ndim, flip=data.flip, rot90=data.rot90)
+  volume = _random_volume(6)
+  for seed in range(8):
+    pair = views.sample_view_pair(volume, np.random.default_rng(seed), cfg, WINDOW)
+    for t in (pair.transform1, pair.transform2):
+      a = t[:, :ndim]
+      np.testing.assert_array_equal(a, np.diag(np.diag(a)))  # no axis swap
+      assert np.all(np.diag(a) > 0)  # no mirroring

@@ -138,7 +138,8 @@ def encode(run: Run, volume, *, params: Any = None, level: int | None = None,
     params: parameters to use; None is `run.params` (the teacher unless loaded otherwise).
     level: None for the pixel projections the loss compares (`[.., Cp]`, stride
       `pixel_stride`); an int for the U-Net decoder features of that level (stride
-      `2**level`; levels finer than `model.pixel_level` are untouched by pre-training).
+      `2**level`; levels finer than `model.pixel_level` are trained by pre-training only
+      through the pixel projector's hypercolumn, `model.pixel_hypercolumn`).
     slices: 2-D models only: the axial slices to encode (default all), in this order.
     patch_size: inference window (each entry divisible by the model's
       `downsampling_factor`); None is the training view size.

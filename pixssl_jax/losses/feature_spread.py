@@ -8,6 +8,7 @@ standard deviation at or above `gamma`, and the squared off-diagonal covariances
 the channels from carrying the same information.
 """
 
+import jax
 import jax.numpy as jnp
 
 # VICReg's defaults: the target standard deviation and the epsilon inside its square root.
@@ -41,3 +42,38 @@ def variance_covariance(features: jnp.ndarray, target_std: float = TARGET_STD
   off_diagonal = cov * (1.0 - jnp.eye(c, dtype=cov.dtype))
   covariance = jnp.sum(jnp.square(off_diagonal)) / c
   return variance, covariance
+
+
+# The effective rank is a diagnostic: a fixed strided subsample of at most this many feature
+# vectors keeps its covariance cheap for any batch and grid size.
+EFFECTIVE_RANK_SAMPLES = 8192
+
+
+def effective_rank(features: jnp.ndarray, max_samples: int = EFFECTIVE_RANK_SAMPLES
+                   ) -> jnp.ndarray:
+  """Roy & Vetterli's effective rank of `[..., C]` feature vectors.
+
+  `exp(H(p))` with `p` the singular values of the centred `[N, C]` matrix normalised to sum 1
+  and `H` their entropy: C for features spread evenly over C directions, 1 when every vector
+  lies on one line (collapse). The singular values are the square roots of the eigenvalues of
+  the `[C, C]` scatter matrix, so only a `C x C` eigendecomposition is needed. Computed on a
+  fixed strided subsample of at most `max_samples` vectors, without gradient.
+
+  Args:
+    features: `[..., C]` features; every leading position is one sample.
+    max_samples: size bound of the subsample (static).
+
+  Returns:
+    float32 scalar in [1, C]; 0 for all-equal vectors.
+  """
+  c = features.shape[-1]
+  z = jax.lax.stop_gradient(features.astype(jnp.float32)).reshape(-1, c)
+  if z.shape[0] > max_samples:
+    z = z[::-(-z.shape[0] // max_samples)]
+  centred = z - jnp.mean(z, axis=0)
+  eigenvalues = jnp.linalg.eigvalsh(centred.T @ centred)
+  singular = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+  total = jnp.sum(singular)
+  p = singular / jnp.where(total > 0, total, 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return jnp.where(total > 0, jnp.exp(entropy), 0.0)

@@ -5,9 +5,13 @@ student tree) applied with the same `PixSSLModel`. The teacher calls `__call__` 
 `with_predictor=False` and never calls `stabilize`; the predictor and stabilizer parameters in
 its tree are simply unused.
 
-Decoder levels finer than `pixel_level` do not feed any pre-training loss, so pre-training
-leaves them at their initial values (under jit XLA drops their computation); fine-tuning trains
-them. `init_params` still initialises them so the fine-tuning code finds the whole U-Net.
+With `pixel_hypercolumn` (the config default) the pixel projector reads every decoder level
+from 0 to `pixel_level`, the finer ones average-pooled onto the `pixel_level` grid, so the pixel
+loss trains the full-resolution decoder the segmentation head reads, while matching, the
+stabilizer and its K samples stay on the coarse grid. Without it, decoder levels finer than
+`pixel_level` feed no pre-training loss and keep their initial values (under jit XLA drops
+their computation); fine-tuning trains them. `init_params` initialises the whole U-Net either
+way, so the fine-tuning code finds it.
 """
 
 from collections.abc import Sequence
@@ -35,6 +39,8 @@ class PixSSLModel(nn.Module):
     proj_hidden: hidden width of the global projector/predictor and the pixel projector.
     proj_dim: global projection width `D`.
     pixel_level: decoder level feeding the pixel branch (stride `2**pixel_level`).
+    pixel_hypercolumn: the pixel projector also reads decoder levels `0 .. pixel_level - 1`,
+      each average-pooled onto the `pixel_level` grid and concatenated over channels.
     pixel_proj_dim: pixel projection width `Cp`.
     stabilizer_hidden: hidden width of the context stabilizer.
     stabilizer_dropout: dropout rate inside the stabilizer (0 disables MC dropout).
@@ -48,6 +54,7 @@ class PixSSLModel(nn.Module):
   proj_hidden: int = 256
   proj_dim: int = 128
   pixel_level: int = 2
+  pixel_hypercolumn: bool = False
   pixel_proj_dim: int = 64
   stabilizer_hidden: int = 128
   stabilizer_dropout: float = 0.1
@@ -92,8 +99,25 @@ class PixSSLModel(nn.Module):
     out = {'global_proj': self.projector(pooled.astype(self.dtype))}
     if with_predictor:
       out['global_pred'] = self.predictor(out['global_proj'].astype(self.dtype))
-    out['pixel_proj'] = self.pixel_projector(decoder[self.pixel_level])
+    out['pixel_proj'] = self.pixel_projector(self.pixel_features(decoder))
     return out
+
+  def pixel_features(self, decoder: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """The pixel projector's input on the `pixel_level` grid.
+
+    Args:
+      decoder: the U-Net's decoder features, `decoder[l]` of shape `[B, *P / 2**l, features[l]]`.
+
+    Returns:
+      `[B, *G, C]`: `decoder[pixel_level]`, with `pixel_hypercolumn` preceded on the channel
+      axis by the finer levels average-pooled onto the same grid (`C = sum(features[:L + 1])`).
+    """
+    coarse = decoder[self.pixel_level]
+    if not self.pixel_hypercolumn:
+      return coarse
+    parts = [_average_pool(decoder[level], 2 ** (self.pixel_level - level))
+             for level in range(self.pixel_level)]
+    return jnp.concatenate(parts + [coarse], axis=-1)
 
   def stabilize(self, pixel_proj: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
     """Context stabilizer on already computed pixel projections.
@@ -120,6 +144,23 @@ class PixSSLModel(nn.Module):
     out = self(x)
     out['stabilized'] = self.stabilize(out['pixel_proj'], deterministic=True)
     return out
+
+
+def _average_pool(x: jnp.ndarray, factor: int) -> jnp.ndarray:
+  """Mean over non-overlapping `factor`-wide blocks of every spatial axis of `[B, *S, C]`.
+
+  Block `j` covers the finer cells `j * factor .. (j + 1) * factor - 1`, whose centres average
+  to the centre of the coarse cell `j`: the pooled map lies on the coarse grid exactly. The
+  mean is taken in float32 and returned in `x.dtype`.
+  """
+  if factor == 1:
+    return x
+  spatial = x.shape[1:-1]
+  split = [x.shape[0]]
+  for size in spatial:
+    split += [size // factor, factor]
+  y = x.astype(jnp.float32).reshape(*split, x.shape[-1])
+  return jnp.mean(y, axis=tuple(range(2, 2 * len(spatial) + 1, 2))).astype(x.dtype)
 
 
 def _validate(model: PixSSLModel) -> None:
@@ -151,7 +192,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
 
   Args:
     model_cfg: fields features, num_groups, dtype ('float32'|'bfloat16'), proj_hidden,
-      proj_dim, pixel_level, pixel_proj_dim, stabilizer_hidden, stabilizer_dropout.
+      proj_dim, pixel_level, pixel_hypercolumn, pixel_proj_dim, stabilizer_hidden,
+      stabilizer_dropout, head_norm, pixel_norm.
     ndim: 2 or 3 (from `data.ndim`).
 
   Returns:
@@ -167,6 +209,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       proj_hidden=int(model_cfg.proj_hidden),
       proj_dim=int(model_cfg.proj_dim),
       pixel_level=int(model_cfg.pixel_level),
+      # Configs written before the field existed read the pixel_level grid only.
+      pixel_hypercolumn=bool(model_cfg.get('pixel_hypercolumn', False)),
       pixel_proj_dim=int(model_cfg.pixel_proj_dim),
       stabilizer_hidden=int(model_cfg.stabilizer_hidden),
       stabilizer_dropout=float(model_cfg.stabilizer_dropout),

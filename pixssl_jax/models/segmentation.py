@@ -4,8 +4,9 @@ Parameter tree: `{'backbone': <UNet params>, 'seg_head': {'kernel', 'bias'}}`. T
 named as in `PixSSLModel`, so pre-trained weights load by path (`train/pretrained.py`).
 
 The head reads the decoder level `head_level` (0: full resolution, the fine-tuning default).
-A dense linear probe reads a coarser level, the one pre-training trained (decoder levels finer
-than `pixel_level` never receive a pre-training gradient), and its logits are upsampled
+A dense linear probe reads the level the pre-training loss compared, `pixel_level` (finer
+levels are trained only through the pixel projector's hypercolumn, `model.pixel_hypercolumn`,
+and not at all without it), and its logits are upsampled
 bilinearly to the input size: a 1x1 classifier commutes with linear upsampling, so this equals
 classifying upsampled features at a fraction of the cost.
 

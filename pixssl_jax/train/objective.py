@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pixssl_jax import losses
 from pixssl_jax.losses import cosine_discrepancy
+from pixssl_jax.losses import effective_rank
 from pixssl_jax.losses import global_consistency
 from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
@@ -18,26 +20,36 @@ from pixssl_jax.losses import match_features_by_distance
 from pixssl_jax.losses import mc_dropout_statistics
 from pixssl_jax.losses import mean_over_samples
 from pixssl_jax.losses import ramp_threshold
+from pixssl_jax.losses import spearman
 from pixssl_jax.losses import variance_covariance
+from pixssl_jax.losses import weight_statistics
 from pixssl_jax.losses import WEIGHTING_FORMS
-from pixssl_jax.losses import weighted_pixel_loss
+from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import PixSSLModel
 
 MATCH_MODES = ('inverse', 'distance')
+# Diagnostics of the pixel branch in the step's metrics (0 when the pixel term is off):
+# how far the weights are from uniform (`weight_cv`, `weight_ess`), the fraction of valid
+# pixels with a nonzero weight (`keep_fraction`, below 1 only for 'threshold'), Spearman's
+# rank correlation of u and d over valid pixels, the effective rank of the student pixel
+# projections.
+PIXEL_DIAGNOSTICS = ('weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
+                     'pixel_effective_rank')
 
 
 def default_method_config() -> ml_collections.ConfigDict:
-  """The `method:` config subtree with METHOD.md's defaults.
+  """The `method:` config subtree with docs/method.md's defaults.
 
-  The uncertainty `u` is a channel-mean variance of unit vectors, so `0 <= u <= 1/Cp`
-  (1/64 for the demo preset); `tau` and the thresholds are absolute values on that scale,
-  chosen from the demo preset at initialisation (stabilizer dropout 0.1, K = 8: u has mean
-  1.2e-3 and 90th percentile 1.6e-3). Only differences of u matter to the 'exp' form (the
-  weights are normalised): tau = 2e-3 gives the p90 pixel ~0.8 of the weight of the mean
-  one, a mild weighting; the 'threshold' form starts by keeping about every pixel and admits
-  more uncertain ones as t ramps up. Retune them if `pixel_proj_dim` or the dropout rate
-  change much.
+  The uncertainty `u` is a channel-mean variance of unit vectors, so `0 <= u <= 1/Cp`, and its
+  size falls several fold during training (a mean of 1.7e-3 at step 0 and 5.5e-4 at step 300
+  on the low-label benchmark's pre-training). The default `weighting_scale='relative'` measures
+  u against the batch, so the weighting keeps its strength: 'exp' weights by u standardised
+  over the valid pixels (`tau` in standard deviations: 1 halves the weight every 0.69 std),
+  'threshold' keeps the `threshold_keep_start -> threshold_keep_end` most certain fraction,
+  'kendall' uses `s = log(Cp u + eps)`, on the scale of the discrepancy. 'absolute' restores
+  the forms on the raw u, with `tau_absolute` and `threshold_start/end` on u's own scale
+  (chosen from the demo preset at initialisation, mean u about 1.2e-3).
   """
   return ml_collections.ConfigDict({
       'use_global': True,
@@ -45,9 +57,13 @@ def default_method_config() -> ml_collections.ConfigDict:
       'use_stabilizer': True,
       'mc_samples': 8,            # K stabilizer samples; 1 disables MC dropout.
       'weighting': 'exp',         # 'exp' | 'kendall' | 'threshold' | 'none'.
-      'tau': 2e-3,                # 'exp': w = exp(-u / tau).
-      'kendall_eps': 1e-3,        # 'kendall': s = log(u + eps).
-      'threshold_start': 2e-3,    # 'threshold': keep u < t, t ramped start -> end
+      'weighting_scale': 'relative',  # 'relative' (to the batch / to 1/Cp) | 'absolute'.
+      'tau': 1.0,                 # 'exp' relative: w = exp(-clip(z, +-3) / tau), z standardised u.
+      'tau_absolute': 2e-3,       # 'exp' absolute: w = exp(-u / tau_absolute).
+      'kendall_eps': 1e-3,        # 'kendall': s = log(Cp u + eps), absolute: log(u + eps).
+      'threshold_keep_start': 0.5,  # 'threshold' relative: keep the most certain fraction,
+      'threshold_keep_end': 0.9,    # ramped start -> end (UA-MT's ramp).
+      'threshold_start': 2e-3,    # 'threshold' absolute: keep u < t, t ramped start -> end
       'threshold_end': 4e-3,      # (UA-MT's exp(-5 (1 - step/num_steps)^2) ramp).
       'lambda_global': 1.0,
       'lambda_pixel': 1.0,
@@ -181,8 +197,9 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   Returns:
     `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
-    loss_pixel, uncertainty_mean, uncertainty_p90, overlap_fraction, projection_std` (a
-    disabled term's metrics are 0). Uncertainty statistics are over valid (matched) cells.
+    loss_pixel, loss_variance, loss_covariance, uncertainty_mean, uncertainty_p90,
+    overlap_fraction, projection_std` and `PIXEL_DIAGNOSTICS` (a disabled term's metrics are
+    0). Uncertainty and weight statistics are over valid (matched) cells.
   """
   use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
   if not (use_global or use_pixel):
@@ -192,6 +209,10 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   if method_cfg.weighting not in WEIGHTING_FORMS:
     raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, '
                      f'got {method_cfg.weighting!r}')
+  scale = _weighting_scale(method_cfg)
+  if scale not in WEIGHTING_SCALES:
+    raise ValueError(f'method.weighting_scale must be one of {WEIGHTING_SCALES}, '
+                     f'got {scale!r}')
   view1, view2 = batch['view1'], batch['view2']
   if view1.shape != view2.shape:
     raise ValueError(f'batch view1 {view1.shape} and view2 {view2.shape} differ in shape')
@@ -217,6 +238,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
   loss_variance, loss_covariance = zero, zero
+  diagnostics = {name: zero for name in PIXEL_DIAGNOSTICS}
   spread_weights = (float(method_cfg.lambda_variance), float(method_cfg.lambda_covariance))
   if use_pixel:
     # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
@@ -224,11 +246,9 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
         params, student['pixel_proj'], teacher['pixel_proj'], batch, key, model=model,
         method_cfg=method_cfg)
     discrepancy = cosine_discrepancy(pred_pix, matched)
-    threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
-                               float(method_cfg.threshold_end))
-    loss_pixel = weighted_pixel_loss(
-        discrepancy, valid, uncertainty, form=method_cfg.weighting, tau=float(method_cfg.tau),
-        eps=float(method_cfg.kendall_eps), threshold=threshold)
+    loss_pixel, weights = uncertainty_weighting(
+        discrepancy, valid, uncertainty, step=step, num_steps=num_steps, method_cfg=method_cfg,
+        num_channels=model.pixel_proj_dim)
 
     # Anti-collapse terms on the student's pixel projections (all pixels of both views).
     if spread_weights != (0.0, 0.0):
@@ -240,6 +260,10 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     u_mean = jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, u_const, 0.0))
                        / jnp.maximum(n_valid, 1), 0.0)
     u_p90 = jnp.nan_to_num(jnp.nanpercentile(jnp.where(valid, u_const, jnp.nan), 90.0))
+    diagnostics = dict(
+        weight_statistics(weights, valid),
+        uncertainty_spearman=spearman(u_const, jax.lax.stop_gradient(discrepancy), valid),
+        pixel_effective_rank=effective_rank(student['pixel_proj']))
 
   # 6. Total; a disabled term is absent (not multiplied by zero).
   loss = zero
@@ -258,5 +282,43 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
       'uncertainty_p90': u_p90,
       'overlap_fraction': overlap,
       'projection_std': projection_std,
+      **diagnostics,
   }
   return loss, metrics
+
+
+def _weighting_scale(method_cfg: ml_collections.ConfigDict) -> str:
+  # Configs written before the field existed used the absolute forms.
+  return str(method_cfg.get('weighting_scale', 'absolute'))
+
+
+def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
+                          uncertainty: jnp.ndarray, *, step: jax.Array, num_steps: int,
+                          method_cfg: ml_collections.ConfigDict, num_channels: int
+                          ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`losses.uncertainty_weighting` with the parameters of the `method` config.
+
+  Args:
+    discrepancy, valid, uncertainty: `[2B, *G]` per-pixel `d`, mask and `u`.
+    step: current step (may be traced); drives the 'threshold' ramps.
+    num_steps: total training steps (static).
+    method_cfg: the `method` config (static).
+    num_channels: the stabilizer's output width `Cp` (static).
+
+  Returns:
+    `(loss, weights [2B, *G])` as `losses.uncertainty_weighting`.
+  """
+  scale = _weighting_scale(method_cfg)
+  relative = scale == 'relative'
+  # Absolute-scale configs written before `tau_absolute` existed kept it in `tau`.
+  tau = (method_cfg.tau if relative or 'tau_absolute' not in method_cfg
+         else method_cfg.tau_absolute)
+  threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
+                             float(method_cfg.threshold_end))
+  keep_fraction = (ramp_threshold(step, num_steps, float(method_cfg.threshold_keep_start),
+                                  float(method_cfg.threshold_keep_end))
+                   if relative and method_cfg.weighting == 'threshold' else 1.0)
+  return losses.uncertainty_weighting(
+      discrepancy, valid, uncertainty, form=method_cfg.weighting, scale=scale, tau=float(tau),
+      eps=float(method_cfg.kendall_eps), threshold=threshold, keep_fraction=keep_fraction,
+      num_channels=num_channels)

@@ -35,7 +35,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
     config: the run config (static); uses `seed`, `num_steps`, `method`, `optim`.
 
   Returns:
-    The new state and scalar metrics of this step (computed before the update).
+    The new state and scalar metrics of this step (computed before the update, except
+    `teacher_init_share`, the share of its initialisation the updated teacher holds).
   """
   def loss_fn(params):
     return objective.pretrain_loss(params, state.ema_params, batch,
@@ -47,11 +48,15 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  momentum = state_lib.ema_momentum(state.step, config.num_steps, config.optim.ema_momentum)
+  # m0 is a Python float fixed by the config and the run length (state.base_ema_momentum).
+  base_momentum = state_lib.base_ema_momentum(config.optim, config.num_steps)
+  momentum = state_lib.ema_momentum(state.step, config.num_steps, base_momentum)
   ema_params = state_lib.ema_update(state.ema_params, params, momentum)
 
   schedule = state_lib.learning_rate_schedule(config.optim, config.num_steps)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), ema_momentum=momentum,
+                 teacher_init_share=state_lib.teacher_init_share(
+                     state.step + 1, config.num_steps, base_momentum),
                  lr=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
