@@ -1,104 +1,128 @@
-r"""The low-label benchmark: does pre-training beat scratch when only 10% of the labels exist?
+r"""The low-label benchmark: where does pre-training beat training from scratch?
 
-  PYTHONPATH=. python benchmarks/low_label.py [--quick] [--out runs/low_label] \
-      [--seeds 0,1,2] [--methods full,global_only,pixel_only,no_stabilizer,no_uncertainty,scratch]
-      [--pretrain_per_seed] [--finetune_steps N] [--finetune_lr LR] [--linear_probe]
+  python benchmarks/low_label.py [--data_dir STORE] [--ndim 2|3] [--patch 64,64] \
+      [--budgets s8,1] [--arms scratch,full] [--pretrain_seeds 0] [--finetune_seeds 0,1] \
+      [--probe_arms full] [--probe_fractions 0.25,0.5,1] [--out DIR] [--quick]
 
-Pre-train with the full method and with each ablation, fine-tune each on the 10% label split
-with every seed, fine-tune the same network from scratch with every seed, and evaluate every
-fine-tuned network on the held-out test cases (sliding window, original grid, Dice and HD95 as
-in docs/evaluation.md). Prints and saves (`OUT/results.json`, `OUT/results.md`) the mean, std
-and range over seeds of the test Dice and HD95 per method. `--linear_probe` replaces the
-fine-tuning by a dense linear probe of the frozen features (`OUT/probe_results.*`), reusing
-the pre-trainings already in OUT.
+For every arm that pre-trains (`full`, its ablations, the `init_only` control) and every
+pre-training seed, pre-train once; then fine-tune every arm at every label budget with every
+fine-tuning seed and score it on the store's test split (sliding window, original grid, Dice
+and HD95 as in docs/evaluation.md). The fine-tuning seed also draws the labelled volumes, so
+two arms with the same seed and budget see the same labels, and their per-volume test Dice
+pair up. Then a dense linear probe (frozen backbone, 1x1 head on the pre-training's pixel
+level) of the pre-trained features after several fractions of the pre-training.
 
-By default each method is pre-trained once (seed 0) and the seeds vary the fine-tuning (head
-initialisation, or the whole network for scratch, crop order and sampling, dropout): 15
-pre-trainings do not fit the hour on 2 CPU cores, 5 do. `--pretrain_per_seed` pre-trains again
-for every seed (about 2.5 times longer). Beyond the default list, `--methods` takes
-`full_no_spread` (the full method without the anti-collapse terms), `init_only` (the control:
-the random backbone all pre-trained methods start from, after one step), `full_no_mirror` and
-`full_pixel_bn` (see METHODS).
+Label budgets: `N` = N labelled volumes drawn from train_100 (nested: for one seed, 1 volume
+is within 2, within 4); `all` = train_100; `sK` = K axial slices of one labelled volume,
+evenly spaced over its labelled z-range (2-D only: a 3-D crop would see the unlabelled slices
+between them as background).
 
-Everything runs on a dedicated phantom store: 40 cases (train_10 = 2 labelled cases, 8 val,
-8 test) on a 3 x 3 x 4 mm grid (about 125 x 125 x 60 voxels), 2-D 64 x 64 patches, so the
-whole benchmark fits an hour on 2 CPU cores. Finished runs are skipped when the command is
-repeated with the same --out (delete the folder to start over). --quick is a smoke run: one
-seed, two methods, a few steps.
+Writes OUT/results.json (settings, per-arm summaries, paired differences against scratch with
+95% bootstrap intervals over volumes and seeds, per-organ Dice and HD95, the probes, every
+run), OUT/results.md (the same as Markdown tables) and OUT/dice_vs_budget.png. Each run keeps
+its `result.json` (and the evaluation's `metrics.json`) in its folder; finished runs are
+skipped when the command is repeated with the same --out, so an interrupted benchmark resumes
+and more arms, budgets or seeds can be added later. The statistics are in
+benchmarks/low_label_stats.py.
+
+Two sizes. The default (CPU, 2-D): a dedicated phantom store of 40 cases on a 3 x 3 x 4 mm grid
+(24 train_100, 8 val, 8 test), 64 x 64 patches, the demo widths; scratch and full, budgets s8
+and 1, fine-tuning seeds 0 and 1, probes of full at 25, 50 and 100% of 300 pre-training steps:
+about 55 minutes on 2 CPU cores. `--ndim 3`: 96^3 patches and the btcv_3d widths, for a GPU
+(benchmarks/gpu_low_label.sh). `--quick`: a smoke run (tiny widths, a few steps, one seed,
+scratch and full, budget 1).
 """
 
 import argparse
 import datetime
 import json
+import math
+import os
 import pathlib
 import platform
-import statistics
+import resource
+import shutil
+import sys
 import time
 
 import jax
+from absl import logging
 
-from pixssl_jax import config_files
-from pixssl_jax.train import evaluate
-from pixssl_jax.train import finetune
-from pixssl_jax.train import pretrain
+# Runnable as `python benchmarks/low_label.py` from anywhere, without PYTHONPATH.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import low_label_stats as stats  # noqa: E402
+from pixssl_jax import config_files  # noqa: E402
+from pixssl_jax.data import case_store  # noqa: E402
+from pixssl_jax.train import evaluate  # noqa: E402
+from pixssl_jax.train import finetune  # noqa: E402
+from pixssl_jax.train import finetune_setup  # noqa: E402
+from pixssl_jax.train import pretrain  # noqa: E402
 
-# Pre-training overrides per method (configs/pretrain.py fields); None: no pre-training.
-METHODS = {
-    'full': {},
-    'global_only': {'method.use_pixel': False},
-    'pixel_only': {'method.use_global': False},
-    'no_stabilizer': {'method.use_stabilizer': False},
-    'no_uncertainty': {'method.weighting': 'none'},
-    'scratch': None,
-    # Not in the default list: the full method without mirroring augmentations (flips and
-    # rot90, which includes 180-degree turns), the diagnosis in docs/BENCHMARKS.md.
-    'full_no_mirror': {'data.flip': False, 'data.rot90': False},
-    # The full method with batch statistics in the pixel projector (the first collapse fix
-    # tried, without the anti-collapse terms' success; docs/BENCHMARKS.md).
-    'full_pixel_bn': {'model.pixel_norm': 'batch'},
-    # The full method without the VICReg variance/covariance terms, i.e. as it collapsed.
-    'full_no_spread': {'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0},
-    # A control: the backbone every pre-trained method starts from (pre-training seed 0), after
-    # one step. Against it, a method's gain is the pre-training's, not that of its random init.
-    'init_only': {'num_steps': 1, 'checkpoint_every': 1},
+# Arms: pre-training overrides (configs/pretrain.py fields; None: no pre-training) and the
+# fine-tuning length relative to the others. Every ablation changes one field of `full`.
+ARMS = {
+    'scratch': (None, 1),
+    # Scratch with twice the fine-tuning steps: whether a pre-trained start is worth more than
+    # simply training longer.
+    'scratch_long': (None, 2),
+    # The random backbone every pre-trained arm of that pre-training seed starts from, after
+    # one step: against it, an arm's gain is the pre-training's, not its initialisation's.
+    'init_only': ({'num_steps': 1, 'checkpoint_every': 1, 'keep_checkpoints': 1}, 1),
+    'full': ({}, 1),
+    'global_only': ({'method.use_pixel': False}, 1),
+    'pixel_only': ({'method.use_global': False}, 1),
+    'no_stabilizer': ({'method.use_stabilizer': False}, 1),
+    'no_uncertainty': ({'method.weighting': 'none'}, 1),
+    # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
+    'no_mc': ({'method.mc_samples': 1}, 1),
+    # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
+    # batch statistics in the pixel projector, no mirroring augmentations.
+    'full_no_spread': ({'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0}, 1),
+    'full_pixel_bn': ({'model.pixel_norm': 'batch'}, 1),
+    'full_no_mirror': ({'data.flip': False, 'data.rot90': False}, 1),
 }
-DEFAULT_METHODS = ('full', 'global_only', 'pixel_only', 'no_stabilizer', 'no_uncertainty',
-                   'scratch')
+BASELINE = 'scratch'
 
-# Shared by pre-training and fine-tuning: one store, one patch size.
-DATA = {
-    'data.num_phantoms': 40,
-    'data.phantom_spacing': (3.0, 3.0, 4.0),
-    'data.patch_size': (64, 64),
+# Per size: config presets, data, lengths and the default selection of runs.
+SIZES = {
+    # Fits an hour on 2 CPU cores: a 1000-step fine-tune with its evaluation takes 5-7 minutes
+    # there, 300 pre-training steps 3-4, a 500-step probe (forward passes only through the
+    # frozen backbone) about 1.5; so 1 pre-training, 8 fine-tunes and 3 probes, about 55.
+    'cpu_2d': {
+        'presets': ('demo', 'demo'), 'patch': (64, 64),
+        'pretrain': {'num_steps': 300, 'batch_size': 16},
+        # 500 steps left 2-volume fine-tunings unconverged (whether the kidneys got separated
+        # depended on the seed); 1000 converge (docs/BENCHMARKS.md).
+        'finetune': {'num_steps': 1000, 'batch_size': 8, 'eval.batch_size': 64},
+        'probe': {'num_steps': 500},
+        'arms': 'scratch,full', 'budgets': 's8,1', 'pretrain_seeds': '0',
+        'finetune_seeds': '0,1', 'probe_arms': 'full', 'probe_fractions': '0.25,0.5,1',
+    },
+    'gpu_3d': {
+        'presets': ('btcv_3d', 'btcv_3d'), 'patch': (96, 96, 96),
+        'pretrain': {'num_steps': 2000, 'batch_size': 8},
+        'finetune': {'num_steps': 2000, 'batch_size': 4, 'eval.batch_size': 8},
+        'probe': {'num_steps': 1000},
+        'arms': 'scratch,scratch_long,init_only,full', 'budgets': '1,2,4,all',
+        'pretrain_seeds': '0', 'finetune_seeds': '0,1,2', 'probe_arms': 'full',
+        'probe_fractions': '0.25,0.5,1',
+    },
 }
-PRETRAIN = {
-    **DATA,
-    'num_steps': 300,
-    'batch_size': 16,
-    'log_every': 50,
-    'checkpoint_every': 300,
-    'image_every': 0,
-    'keep_checkpoints': 1,
+# --quick: tiny widths (the 'tiny' presets), a few steps, one seed.
+QUICK = {
+    'presets': ('tiny', 'tiny'),
+    'pretrain': {'num_steps': 4, 'batch_size': 8},
+    'finetune': {'num_steps': 6, 'batch_size': 8},
+    'probe': {'num_steps': 4},
+    'arms': 'scratch,full', 'budgets': '1', 'pretrain_seeds': '0', 'finetune_seeds': '0',
+    'probe_arms': 'full', 'probe_fractions': '0.5,1',
 }
-FINETUNE = {
-    **DATA,
-    'label_fraction': 0.1,
-    # 500 steps left the fine-tunings unconverged: whether the two kidneys (the same tissue, told
-    # apart only by their side) got separated depended on the starting backbone and the crop
-    # order, so single seeds ranged from 53% to 88% (docs/BENCHMARKS.md). At 1000 steps the
-    # full method and scratch both reached 89.8-90.4% on all three seeds.
-    'num_steps': 1000,
-    'batch_size': 8,
-    'log_every': 100,
-    # Whole-volume inference dominates on CPU: validate once, at the end, on 2 val cases (the
-    # model selection it drives is then simply the last checkpoint); test on all 8.
-    'eval_every': 1000,
-    'eval.val_max_cases': 2,
-    'keep_checkpoints': 1,
-    'eval.batch_size': 64,
-}
-QUICK = {'num_steps': 6, 'checkpoint_every': 6, 'eval_every': 3, 'log_every': 3}
+QUICK_PATCH = {2: (32, 32), 3: (32, 32, 32)}
+# The dedicated phantom store (without --data_dir): small volumes keep whole-volume
+# inference cheap on a CPU.
+PHANTOMS = {'data.num_phantoms': 40, 'data.phantom_spacing': (3.0, 3.0, 4.0)}
+PROBE_LR = 1e-2  # One linear layer: 1e-3 leaves it far from converged in 500 steps.
 
 
 def override(config, values: dict):
@@ -114,132 +138,341 @@ def override(config, values: dict):
   return config
 
 
-def run_method(method: str, seed: int, out: pathlib.Path, quick: bool, pretrain_per_seed: bool,
-               probe: bool, finetune_steps: int | None, finetune_lr: float | None,
-               log) -> dict:
-  """Pre-trains (unless scratch, or already done), fine-tunes and evaluates one (method, seed).
+class Benchmark:
+  """The runs of one benchmark folder: configs, jobs, their results."""
 
-  With `probe`, the fine-tuning is a linear probe: backbone frozen, a 1x1 head on the pixel
-  level (for scratch: on random features, the baseline a probe must beat).
-  """
-  run_dir = out / f'{method}_{"probe_" if probe else ""}seed{seed}'
-  result_path = run_dir / 'result.json'
-  if result_path.exists():
-    return json.loads(result_path.read_text())
-  quiet = lambda line: None
-  start = time.perf_counter()
-  ft = override(config_files.load('finetune', 'demo'), {**FINETUNE, 'seed': seed})
-  if finetune_steps:
-    ft.num_steps = ft.eval_every = finetune_steps
-  if probe:
-    ft.linear_probe = True
-    ft.model.head_level = config_files.load('pretrain', 'demo').model.pixel_level
-    ft.optim.learning_rate = 1e-2  # One linear layer: 1e-3 leaves it far from converged.
-  if finetune_lr:
-    ft.optim.learning_rate = finetune_lr
-  if METHODS[method] is None:
-    ft.init = 'scratch'
-  else:
-    pretrain_seed = seed if pretrain_per_seed else 0
-    pre = override(config_files.load('pretrain', 'demo'),
-                   {**PRETRAIN, **METHODS[method], 'seed': pretrain_seed})
-    if quick:
-      override(pre, {k: v for k, v in QUICK.items() if k in pre})
-    pretrain_dir = out / f'{method}_pretrain_seed{pretrain_seed}'
-    # Resumes, i.e. returns at once, when an earlier seed already pre-trained this method.
-    pretrain.train_and_evaluate(pre, str(pretrain_dir), print_fn=quiet)
-    ft.pretrained_workdir = str(pretrain_dir)
-  pretrain_seconds = time.perf_counter() - start
-  if quick:
-    override(ft, {k: v for k, v in QUICK.items() if k in ft})
-  finetune.train_and_evaluate(ft, str(run_dir / 'finetune'), print_fn=quiet)
-  ft.mode = 'evaluate'
-  summary = evaluate.evaluate(ft, str(run_dir / 'finetune'), print_fn=quiet)
-  scores = evaluate.mean_scores(summary)
-  result = {'method': method, 'seed': seed, **scores,
-            'organs': {r['organ']: r['dice_mean'] for r in summary if r['organ'] != 'mean'},
-            'pretrain_seconds': pretrain_seconds,
-            'total_seconds': time.perf_counter() - start}
-  result_path.write_text(json.dumps(result, indent=1))
-  log(f'{method:>15} seed {seed}: test Dice {100 * scores["dice"]:.2f}%, HD95 '
-      f'{scores["hd95"]:.1f} mm ({result["total_seconds"]:.0f} s)')
-  return result
+  def __init__(self, args):
+    self.args = args
+    self.out = pathlib.Path(args.out).resolve()
+    size = SIZES['gpu_3d' if args.ndim == 3 else 'cpu_2d']
+    self.size = {**size, **(QUICK if args.quick else {})}
+    patch = (args.patch or (QUICK_PATCH[args.ndim] if args.quick else size['patch']))
+    if len(patch) != args.ndim:
+      raise ValueError(f'--patch {patch} does not have {args.ndim} sizes')
+    data = {'data.ndim': args.ndim, 'data.patch_size': tuple(patch)}
+    if args.data_dir:
+      data['data.data_dir'] = os.path.abspath(args.data_dir)
+    else:
+      data.update(PHANTOMS)
+    self.data = data
+    self.family = None
+    if not args.data_dir:
+      # The phantom family is a data field where this version has it; older code has only
+      # the basic phantoms, which it then uses.
+      # Pre-training and fine-tuning must read the same store: both configs need the field.
+      if all('phantom_family' in config_files.load(name, preset).data
+             for name, preset in zip(('pretrain', 'finetune'), self.size['presets'])):
+        self.family = args.phantom_family
+        data['data.phantom_family'] = args.phantom_family
+      elif args.phantom_family != 'basic':
+        print(f'Note: this version has no data.phantom_family; using the basic phantoms, not '
+              f'{args.phantom_family!r}.', flush=True)
+    self.pretrain_steps = args.pretrain_steps or self.size['pretrain']['num_steps']
+    self.finetune_steps = args.finetune_steps or self.size['finetune']['num_steps']
+    self.probe_num_steps = args.probe_steps or self.size['probe']['num_steps']
+    self.probe_at = stats.probe_steps(self.pretrain_steps, args.probe_fractions)
+    self.store = case_store.CaseStore(pretrain.resolve_data_dir(self.finetune_config().data))
+
+  # Configs.
+
+  def pretrain_config(self, arm: str, seed: int):
+    pre = config_files.load('pretrain', self.size['presets'][0])
+    override(pre, self.data)
+    # Checkpoints at every step a probe reads (and so at the end); kept.
+    every = math.gcd(*self.probe_at) if self.probe_at else self.pretrain_steps
+    override(pre, {**self.size['pretrain'], 'num_steps': self.pretrain_steps, 'seed': seed,
+                   'log_every': max(1, min(50, self.pretrain_steps)), 'image_every': 0,
+                   'checkpoint_every': every,
+                   'keep_checkpoints': -(-self.pretrain_steps // every) + 1})
+    return override(pre, ARMS[arm][0])
+
+  def finetune_config(self, arm: str = BASELINE, budget: dict | None = None, seed: int = 0,
+                      pretrain_dir: pathlib.Path | None = None, step: int | None = None,
+                      probe: bool = False):
+    ft = config_files.load('finetune', self.size['presets'][1])
+    override(ft, self.data)
+    steps = (self.probe_num_steps if probe else self.finetune_steps * ARMS[arm][1])
+    # Whole-volume validation costs minutes on a CPU: once, at the end, on 2 val cases (model
+    # selection is then the last checkpoint); the test split is scored in full.
+    override(ft, {**self.size['finetune'], 'num_steps': steps, 'eval_every': steps,
+                  'log_every': max(1, min(100, steps)), 'seed': seed, 'keep_checkpoints': 1,
+                  'eval.val_max_cases': 2, 'eval.export': False})
+    if budget is not None:
+      override(ft, {k: budget[k] for k in ('label_fraction', 'label_count', 'label_slices')})
+    if self.args.finetune_lr:
+      ft.optim.learning_rate = self.args.finetune_lr
+    if pretrain_dir is None:
+      ft.init = 'scratch'
+    else:
+      ft.pretrained_workdir = str(pretrain_dir)
+      ft.pretrained_step = step
+    if probe:
+      ft.linear_probe = True
+      ft.optim.learning_rate = PROBE_LR
+      pixel_level = config_files.load('pretrain', self.size['presets'][0]).model.pixel_level
+      ft.model.head_level = pixel_level  # Where pre-training trained the features.
+    return ft
+
+  def settings(self) -> dict:
+    """What a result depends on besides its arm, budget and seeds (checked on resume)."""
+    return {'ndim': self.args.ndim, 'data': {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in self.data.items()},
+            'presets': list(self.size['presets']), 'pretrain_steps': self.pretrain_steps,
+            'pretrain_batch': self.size['pretrain']['batch_size'],
+            'finetune_steps': self.finetune_steps,
+            'finetune_batch': self.size['finetune']['batch_size'],
+            'finetune_lr': self.finetune_config().optim.learning_rate,
+            'probe_steps': self.probe_num_steps, 'probe_at': self.probe_at,
+            'quick': bool(self.args.quick)}
+
+  # Jobs.
+
+  def pretrain_dir(self, arm: str, seed: int) -> pathlib.Path:
+    return self.out / 'pretrain' / f'{arm}_p{seed}'
+
+  def jobs(self) -> list[dict]:
+    """Every job of this invocation, in run order: pre-trainings, fine-tunings, probes."""
+    a = self.args
+    pretrained = [arm for arm in a.arms if ARMS[arm][0] is not None]
+    probed = [arm for arm in a.probe_arms if ARMS[arm][0] is not None]
+    jobs = [{'kind': 'pretrain', 'arm': arm, 'pretrain_seed': p}
+            for p in a.pretrain_seeds for arm in dict.fromkeys(pretrained + probed)]
+    for s in a.finetune_seeds:
+      for budget in a.budgets:
+        for arm in a.arms:
+          for p in (a.pretrain_seeds if ARMS[arm][0] is not None else [None]):
+            jobs.append({'kind': 'finetune', 'arm': arm, 'budget': budget['name'],
+                         'pretrain_seed': p, 'finetune_seed': s})
+    probe_seed = a.finetune_seeds[0]
+    if BASELINE in a.probe_arms:  # Random features: the baseline a probe has to beat.
+      jobs.append({'kind': 'probe', 'arm': BASELINE, 'budget': a.probe_budget['name'],
+                   'pretrain_seed': None, 'finetune_seed': probe_seed, 'step': 0})
+    for arm in probed:
+      # A pre-training shorter than the probed steps (init_only) is probed at its end.
+      length = self.pretrain_config(arm, 0).num_steps
+      for p in a.pretrain_seeds:
+        for step in [s for s in self.probe_at if s <= length] or [length]:
+          jobs.append({'kind': 'probe', 'arm': arm, 'budget': a.probe_budget['name'],
+                       'pretrain_seed': p, 'finetune_seed': probe_seed, 'step': step})
+    return jobs
+
+  def job_dir(self, job: dict) -> pathlib.Path:
+    if job['kind'] == 'pretrain':
+      return self.pretrain_dir(job['arm'], job['pretrain_seed'])
+    p = '' if job['pretrain_seed'] is None else f'_p{job["pretrain_seed"]}'
+    if job['kind'] == 'probe':
+      return self.out / 'probe' / f'{job["arm"]}_step{job["step"]}_{job["budget"]}{p}_f' \
+          f'{job["finetune_seed"]}'
+    return self.out / 'finetune' / f'{job["arm"]}_{job["budget"]}{p}_f{job["finetune_seed"]}'
+
+  def result_path(self, job: dict) -> pathlib.Path:
+    name = 'done.json' if job['kind'] == 'pretrain' else 'result.json'
+    return self.job_dir(job) / name
+
+  def run(self, job: dict, print_fn) -> dict:
+    """Runs one job (resuming its own checkpoints) and writes its result file."""
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    run_dir = self.job_dir(job)
+    if job['kind'] == 'pretrain':
+      config = self.pretrain_config(job['arm'], job['pretrain_seed'])
+      pretrain.train_and_evaluate(config, str(run_dir), print_fn=print_fn)
+      result = {**job, 'seconds': time.perf_counter() - start,
+                'cpu_seconds': _cpu_seconds() - cpu_start}
+      _write_json(self.result_path(job), result)
+      return result
+    budget = next(b for b in self.args.budgets + [self.args.probe_budget]
+                  if b['name'] == job['budget'])
+    pre_dir = (None if job['pretrain_seed'] is None
+               else self.pretrain_dir(job['arm'], job['pretrain_seed']))
+    config = self.finetune_config(job['arm'], budget, job['finetune_seed'], pre_dir,
+                                  job.get('step'), probe=job['kind'] == 'probe')
+    workdir = run_dir / 'run'
+    finetune.train_and_evaluate(config, str(workdir), print_fn=print_fn)
+    config.mode = 'evaluate'
+    summary = evaluate.evaluate(config, str(workdir), print_fn=print_fn)
+    rows = json.loads((workdir / 'metrics.json').read_text())['cases']
+    described, train_ids = finetune_setup.label_split(
+        self.store, config.label_fraction, config.seed, count=config.label_count)
+    result = {**job, **evaluate.mean_scores(summary),
+              'labelled': {'described': described, 'cases': train_ids,
+                           'slices': config.label_slices},
+              'cases': stats.case_means(rows), 'organs': stats.organ_means(rows),
+              'finetune_steps': config.num_steps, 'seconds': time.perf_counter() - start,
+              'cpu_seconds': _cpu_seconds() - cpu_start}
+    _write_json(self.result_path(job), result)
+    if not self.args.keep_checkpoints:  # The result is written; the weights are not needed.
+      shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
+    return result
 
 
-def summarize(results: list[dict], methods: list[str]) -> list[dict]:
-  rows = []
-  for method in methods:
-    runs = [r for r in results if r['method'] == method]
-    dice = [100 * r['dice'] for r in runs]
-    hd = [r['hd95'] for r in runs]
-    rows.append({
-        'method': method, 'seeds': len(runs),
-        'dice_mean': statistics.mean(dice), 'dice_std': statistics.pstdev(dice),
-        'dice_min': min(dice), 'dice_max': max(dice),
-        'hd95_mean': statistics.mean(hd), 'hd95_std': statistics.pstdev(hd)})
-  return rows
+def _cpu_seconds() -> float:
+  # CPU time of this process (user + system): on a shared machine, with the wall clock, it
+  # tells how much of a run's time was spent waiting for cores.
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
-def markdown(rows: list[dict]) -> str:
-  lines = ['| method | seeds | test Dice % (mean ± std) | Dice range | HD95 mm (mean ± std) |',
-           '| --- | --- | --- | --- | --- |']
-  for r in rows:
-    lines.append(f"| {r['method']} | {r['seeds']} | {r['dice_mean']:.2f} ± {r['dice_std']:.2f} "
-                 f"| {r['dice_min']:.2f} - {r['dice_max']:.2f} "
-                 f"| {r['hd95_mean']:.1f} ± {r['hd95_std']:.1f} |")
-  return '\n'.join(lines)
+def _write_json(path: pathlib.Path, payload: dict) -> None:
+  # Temp name, then rename: a run stopped mid-write must not leave a result that resumes.
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(payload, indent=1))
+  tmp.replace(path)
 
 
-def main():
+def job_name(job: dict) -> str:
+  parts = [job['kind'], job['arm']]
+  if 'budget' in job:
+    parts.append(f'budget {job["budget"]}')
+  if job.get('step') is not None:
+    parts.append(f'pre-training step {job["step"]}')
+  if job.get('pretrain_seed') is not None:
+    parts.append(f'p{job["pretrain_seed"]}')
+  if 'finetune_seed' in job:
+    parts.append(f'f{job["finetune_seed"]}')
+  return ' '.join(parts)
+
+
+def aggregate(bench: Benchmark, results: list[dict], seconds: float) -> dict:
+  """results.json's content: header, settings, summaries, paired comparisons, probes, runs."""
+  a = bench.args
+  budgets = [b['name'] for b in sorted(a.budgets, key=lambda b: b['order'])]
+  tables = stats.group_results(results, a.arms, budgets, BASELINE,
+                               num_resamples=a.bootstrap_resamples)
+  header = {
+      'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+      'host': platform.node(), 'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'platform': jax.devices()[0].platform, 'jax': jax.__version__,
+      'store': bench.store.data_dir, 'phantom_family': bench.family,
+      'train_100': len(bench.store.split('train_100')), 'test': len(bench.store.split('test')),
+      'arms': a.arms, 'budgets': budgets, 'probe_budget': a.probe_budget['name'],
+      'pretrain_seeds': a.pretrain_seeds, 'finetune_seeds': a.finetune_seeds,
+      'bootstrap_resamples': a.bootstrap_resamples, 'seconds_this_invocation': seconds}
+  return {'header': header, 'settings': bench.settings(), **tables, 'runs': results}
+
+
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', default='runs/low_label')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--methods', default=','.join(DEFAULT_METHODS),
-                      help=f'comma-separated, from {list(METHODS)}')
-  parser.add_argument('--pretrain_per_seed', action='store_true',
-                      help='pre-train every method again for every seed')
-  parser.add_argument('--finetune_steps', type=int, default=None,
-                      help=f'fine-tuning steps (default {FINETUNE["num_steps"]})')
-  parser.add_argument('--finetune_lr', type=float, default=None,
-                      help='fine-tuning peak learning rate (default: configs/finetune.py demo)')
-  parser.add_argument('--linear_probe', action='store_true',
-                      help='linear probes of the frozen features instead of fine-tuning')
-  parser.add_argument('--quick', action='store_true', help='smoke run: seed 0, full + scratch, '
-                      'a few steps')
-  args = parser.parse_args()
-  seeds = [int(s) for s in args.seeds.split(',')]
-  methods = args.methods.split(',')
-  unknown = sorted(set(methods) - set(METHODS))
+  parser.add_argument('--data_dir', default=None,
+                      help='a prepared store (phantoms, BTCV, MSD); default: the dedicated '
+                      '40-case phantom store')
+  parser.add_argument('--phantom_family', default='clinical', choices=('basic', 'clinical'),
+                      help='phantom family of the dedicated store (without --data_dir)')
+  parser.add_argument('--ndim', type=int, default=2, choices=(2, 3))
+  parser.add_argument('--patch', default=None, help='patch size, e.g. 64,64 or 96,96,96')
+  parser.add_argument('--arms', default=None, help=f'comma-separated, from {list(ARMS)}')
+  parser.add_argument('--budgets', default=None,
+                      help='comma-separated: N labelled volumes, all, sK = K slices of one')
+  parser.add_argument('--pretrain_seeds', default=None)
+  parser.add_argument('--finetune_seeds', default=None)
+  parser.add_argument('--probe_arms', default=None,
+                      help="arms whose features are probed ('' for none; scratch = random)")
+  parser.add_argument('--probe_fractions', default=None,
+                      help='fractions of the pre-training whose checkpoints are probed')
+  parser.add_argument('--probe_budget', default='1', help='label budget of the probes')
+  parser.add_argument('--pretrain_steps', type=int, default=None)
+  parser.add_argument('--finetune_steps', type=int, default=None)
+  parser.add_argument('--probe_steps', type=int, default=None)
+  parser.add_argument('--finetune_lr', type=float, default=None)
+  parser.add_argument('--bootstrap_resamples', type=int, default=10_000)
+  parser.add_argument('--keep_checkpoints', action='store_true',
+                      help='keep fine-tuned weights (deleted once scored by default)')
+  parser.add_argument('--out', default=None, help='default runs/low_label[_3d][_quick]')
+  parser.add_argument('--quick', action='store_true',
+                      help='smoke run: tiny widths, a few steps, 1 seed, scratch + full, budget 1')
+  parser.add_argument('--verbose', action='store_true', help="print the runs' own progress")
+  args = parser.parse_args(argv)
+  size = {**SIZES['gpu_3d' if args.ndim == 3 else 'cpu_2d'], **(QUICK if args.quick else {})}
+  for name in ('arms', 'budgets', 'pretrain_seeds', 'finetune_seeds', 'probe_arms',
+               'probe_fractions'):
+    if getattr(args, name) is None:
+      setattr(args, name, size[name])
+  split = lambda text: [t for t in text.split(',') if t.strip()]
+  args.arms = split(args.arms)
+  args.probe_arms = split(args.probe_arms)
+  unknown = sorted(set(args.arms + args.probe_arms) - set(ARMS))
   if unknown:
-    parser.error(f'unknown methods {unknown}; choose from {list(METHODS)}')
-  if args.quick:
-    seeds, methods = seeds[:1], ['full', 'scratch']
-    args.out = args.out.rstrip('/') + '_quick'
-  out = pathlib.Path(args.out)
+    parser.error(f'unknown arms {unknown}; choose from {list(ARMS)}')
+  try:
+    args.budgets = [stats.parse_budget(t) for t in split(args.budgets)]
+    args.probe_budget = stats.parse_budget(args.probe_budget)
+  except ValueError as e:
+    parser.error(str(e))
+  slices = [b['name'] for b in args.budgets + [args.probe_budget] if b['label_slices']]
+  if args.ndim == 3 and slices:
+    parser.error(f'slice budgets {slices} are 2-D only (a 3-D crop would train on the '
+                 'unlabelled slices between them as background)')
+  args.pretrain_seeds = [int(s) for s in split(args.pretrain_seeds)]
+  args.finetune_seeds = [int(s) for s in split(args.finetune_seeds)]
+  args.probe_fractions = [float(f) for f in split(args.probe_fractions)]
+  if not args.finetune_seeds or (not args.pretrain_seeds and any(
+      ARMS[arm][0] is not None for arm in args.arms + args.probe_arms)):
+    parser.error('give at least one fine-tuning seed, and a pre-training seed for '
+                 'pre-trained arms')
+  if any(not 0 < f <= 1 for f in args.probe_fractions):
+    parser.error('--probe_fractions must be in (0, 1]')
+  if args.patch:
+    args.patch = tuple(int(v) for v in args.patch.split(','))
+  if args.out is None:
+    args.out = 'runs/low_label' + ('_3d' if args.ndim == 3 else '') + (
+        '_quick' if args.quick else '')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  bench = Benchmark(args)
+  out = bench.out
   out.mkdir(parents=True, exist_ok=True)
+  settings_path = out / 'settings.json'
+  if settings_path.exists():
+    before = json.loads(settings_path.read_text())
+    if before != json.loads(json.dumps(bench.settings())):
+      sys.exit(f'{out} holds runs made with other settings:\n  {before}\nnow:\n  '
+               f'{bench.settings()}\nUse another --out (or delete it to start over).')
+  else:
+    settings_path.write_text(json.dumps(bench.settings(), indent=1))
   # Every run compiles the same few functions: keep the executables across runs.
   jax.config.update('jax_compilation_cache_dir', str(out / 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
+  if not args.verbose:
+    # Orbax logs a warning per read-only checkpoint manager (every evaluation and pre-trained
+    # restore); the progress lines are what matters here.
+    logging.set_verbosity(logging.ERROR)
   start = time.perf_counter()
-  log = lambda line: print(f'[{time.perf_counter() - start:6.0f} s] {line}', flush=True)
-  results = [run_method(m, s, out, args.quick, args.pretrain_per_seed, args.linear_probe,
-                        args.finetune_steps, args.finetune_lr, log)
-             for s in seeds for m in methods]
-  rows = summarize(results, methods)
-  table = markdown(rows)
-  header = (f'{datetime.date.today()}, {platform.node()}, {jax.device_count()} '
-            f'{jax.devices()[0].platform} device(s), jax {jax.__version__}; seeds {seeds}, '
-            f'pre-training {"per seed" if args.pretrain_per_seed else "once per method"}'
-            f'{"; LINEAR PROBE" if args.linear_probe else ""}'
-            f'{f"; {args.finetune_steps} fine-tuning steps" if args.finetune_steps else ""}; '
-            f'total {time.perf_counter() - start:.0f} s this invocation')
-  print(header)
-  print(table)
-  name = 'probe_results' if args.linear_probe else 'results'
-  (out / f'{name}.json').write_text(json.dumps({'header': header, 'rows': rows,
-                                                'runs': results}, indent=1))
-  (out / f'{name}.md').write_text(header + '\n\n' + table + '\n')
+  jobs = bench.jobs()
+  print(f'Low-label benchmark: {len(jobs)} jobs into {out}; store {bench.store.data_dir}',
+        flush=True)
+  inner = (lambda line: print('    ' + line, flush=True)) if args.verbose else (lambda line: None)
+  timed: dict[str, list[float]] = {}
+  results = []
+  for i, job in enumerate(jobs):
+    path = bench.result_path(job)
+    if path.exists():
+      result = json.loads(path.read_text())
+      note = 'done before, skipped'
+    else:
+      result = bench.run(job, inner)
+      timed.setdefault(job['kind'], []).append(result['seconds'])
+      note = f'{result["seconds"]:.0f} s, CPU {result["cpu_seconds"]:.0f} s'
+    if job['kind'] != 'pretrain':
+      note = f'test Dice {100 * result["dice"]:.2f}%, HD95 {result["hd95"]:.1f} mm ({note})'
+      results.append(result)
+    left = stats.estimate_remaining(jobs[i + 1:], timed)
+    print(f'[{i + 1}/{len(jobs)}] {job_name(job)}: {note} | elapsed '
+          f'{stats.format_seconds(time.perf_counter() - start)}, ETA '
+          f'{"?" if left is None else stats.format_seconds(left)}', flush=True)
+
+  report = aggregate(bench, results, time.perf_counter() - start)
+  text = stats.report_markdown(report)
+  (out / 'results.json').write_text(json.dumps(report, indent=1))
+  (out / 'results.md').write_text(text)
+  budgets = report['header']['budgets']
+  stats.plot_dice_vs_budget(report['summary'], budgets, str(out / 'dice_vs_budget.png'),
+                            title=f"{report['settings']['ndim']}-D, {bench.store.data_dir}",
+                            labels={'all': f"all ({report['header']['train_100']})"})
+  print(text)
+  print(f'Wrote {out / "results.json"}, results.md and dice_vs_budget.png', flush=True)
 
 
 if __name__ == '__main__':

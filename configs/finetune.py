@@ -32,6 +32,9 @@ def _data_config() -> ml_collections.ConfigDict:
   data.phantom_seed = 0
   data.phantom_shape_scale = 1.0
   data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
+  # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
+  # pixssl_jax.data.phantoms_clinical).
+  data.phantom_family = 'basic'
   data.ndim = 2
   data.patch_size = (128, 128)
   data.foreground_prob = 0.67  # Crops centred on a labelled voxel [default: nnU-Net's 1/3 bg].
@@ -50,7 +53,7 @@ def _model_config() -> ml_collections.ConfigDict:
   model.num_groups = 8
   model.dtype = 'float32'
   # Decoder level the 1x1 head reads; None: 0 (full resolution) when fine-tuning, the
-  # pre-training's pixel_level for a linear probe (the finest level pre-training trained).
+  # pre-training's pixel_level for a linear probe (the level the pre-training loss compared).
   model.head_level = config_dict.placeholder(int)
   model.head_dropout = 0.1  # Before the head; > 0 makes MC-dropout uncertainty possible.
   return model
@@ -96,6 +99,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.skip_params = ()
   config.linear_probe = False  # Freeze the backbone and train only the 1x1 head.
   config.label_fraction = 0.1  # 0.1 -> split 'train_10', 1.0 -> 'train_100' [paper: both].
+  # > 0: this many train_100 cases drawn with `seed` instead of label_fraction (for one seed,
+  # smaller counts are subsets of larger ones); 0: use label_fraction.
+  config.label_count = 0
+  # > 0 (2-D only): of each labelled case only this many axial slices, evenly spaced over its
+  # labelled z-range, are used; 0: whole volumes.
+  config.label_slices = 0
   # 300 steps learned only liver and vertebrae on the demo (test Dice 26%); 1000 learn all six
   # organs (77%; docs/BENCHMARKS.md), as in the low-label benchmark.
   config.num_steps = 1000

@@ -147,6 +147,30 @@ class MakeViewPair(grain.transforms.RandomMap):
     }
 
 
+def labelled_slice_indices(label: np.ndarray, count: int) -> np.ndarray:
+  """`count` axial slice indices evenly spaced over the z-range of a label's foreground.
+
+  Slice i (of `count`) is the centre of the i-th of `count` equal parts of the range from the
+  first to the last slice with a foreground voxel, so the slices cover the organs from top to
+  bottom the way an annotator would pick them. Fewer come back when the range is shorter than
+  `count`; a label without foreground spreads them over the whole volume.
+
+  Args:
+    label: `[X, Y, Z]` integer label volume.
+    count: number of slices (> 0).
+
+  Returns:
+    Sorted, distinct int64 z indices.
+  """
+  if count < 1:
+    raise ValueError(f'count must be positive, got {count}')
+  occupied = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
+  first, last = (occupied[0], occupied[-1]) if len(occupied) else (0, label.shape[2] - 1)
+  span = last - first + 1
+  centres = first + (np.arange(count) + 0.5) * span / count
+  return np.unique(np.floor(centres).astype(np.int64))
+
+
 class LabelledCrop(grain.transforms.RandomMap):
   """Case id -> one labelled random crop with class-balanced foreground oversampling.
 
@@ -156,17 +180,37 @@ class LabelledCrop(grain.transforms.RandomMap):
   liver; drawing voxels uniformly over all foreground would centre most crops on the largest
   organs). Otherwise the crop is placed uniformly. Volumes smaller than the patch are padded
   with air (image) and background (label). 2-D crops are axial slices.
+
+  With `label_slices` = K > 0 (2-D only), each case contributes only K axial slices, evenly
+  spaced over the z-range of its labelled voxels (`labelled_slice_indices`): the setting of an
+  annotator who outlines a few slices of a scan. Crops are drawn from those slices only, so
+  training never sees the labels of the others.
   """
 
-  def __init__(self, store: Any, shape: tuple[int, ...], foreground_prob: float, flip: bool):
+  def __init__(self, store: Any, shape: tuple[int, ...], foreground_prob: float, flip: bool,
+               label_slices: int = 0):
     if not 0.0 <= foreground_prob <= 1.0:
       raise ValueError(f'foreground_prob must be in [0, 1], got {foreground_prob}')
+    if label_slices < 0:
+      raise ValueError(f'label_slices must be >= 0, got {label_slices}')
+    if label_slices and len(shape) != 2:
+      # A 3-D crop spans unlabelled slices, whose voxels the loss would take as background.
+      raise ValueError(f'label_slices={label_slices} needs 2-D crops (data.ndim=2); a 3-D crop '
+                       'would train on the unlabelled slices between them as background')
     self._store = store
     self._shape = shape
     self._foreground_prob = foreground_prob
     self._flip = flip
+    self._label_slices = int(label_slices)
     self._window = tuple(float(v) for v in store.hu_window)
     self._foreground: dict[str, list[np.ndarray]] = {}
+    self._slices: dict[str, np.ndarray] = {}
+
+  def _labelled_slices(self, case_id: str, label: np.ndarray) -> np.ndarray:
+    """The axial slices (z indices) of the case whose labels training may see."""
+    if case_id not in self._slices:
+      self._slices[case_id] = labelled_slice_indices(np.asarray(label), self._label_slices)
+    return self._slices[case_id]
 
   def _foreground_coords(self, case_id: str, label: np.ndarray) -> list[np.ndarray]:
     """Per foreground class present in the case, (a subsample of) its voxel coordinates."""
@@ -177,6 +221,10 @@ class LabelledCrop(grain.transforms.RandomMap):
         if value == 0:
           continue
         coords = np.argwhere(label == value).astype(np.int32)
+        if self._label_slices:
+          coords = coords[np.isin(coords[:, 2], self._labelled_slices(case_id, label))]
+          if not len(coords):
+            continue  # The class is not on the labelled slices.
         stride = -(-len(coords) // _MAX_FOREGROUND_COORDS)
         per_class.append(coords[::max(stride, 1)])
       self._foreground[case_id] = per_class
@@ -198,7 +246,12 @@ class LabelledCrop(grain.transforms.RandomMap):
       # Uniform start; negative when the volume is smaller (padding both sides).
       slack = vol[:n] - p
       start = rng.integers(np.minimum(slack, 0), np.maximum(slack, 0) + 1)
-      start3 = np.concatenate([start, [rng.integers(vol[2])]]) if n == 2 else start
+      if n == 3:
+        start3 = start
+      elif self._label_slices:
+        start3 = np.concatenate([start, [rng.choice(self._labelled_slices(case_id, label))]])
+      else:
+        start3 = np.concatenate([start, [rng.integers(vol[2])]])
     size3 = np.concatenate([p, np.ones(3 - n, np.int64)])
     img = views.extract_padded(image, start3, size3, self._window[0]).reshape(self._shape)
     lab = views.extract_padded(label, start3, size3, 0).reshape(self._shape)
@@ -270,7 +323,8 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
                     foreground_prob: float = 0.67, flip: bool = True,
                     worker_count: Optional[int] = None,
                     num_epochs: Optional[int] = None,
-                    case_ids: Optional[Sequence[str]] = None) -> grain.DataLoader:
+                    case_ids: Optional[Sequence[str]] = None,
+                    label_slices: int = 0) -> grain.DataLoader:
   """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
 
   Args:
@@ -285,12 +339,15 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.
     num_epochs: None repeats forever.
     case_ids: read these cases instead of the whole split (a drawn label fraction).
+    label_slices: > 0: only this many evenly spaced axial slices of each case are labelled
+      (`LabelledCrop`); needs 2-D crops. 0: whole volumes.
 
   Returns:
     A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
     and `label` `[B, *P]` int32.
   """
-  transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip)
+  transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip,
+                           label_slices=label_slices)
   return _make_loader(store, split, transform, data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
                       shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,
