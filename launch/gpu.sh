@@ -87,6 +87,8 @@ done
 [[ -n "${CONFIG}" ]] || die "--config is required (e.g. configs/pretrain.py:btcv_3d)"
 [[ -n "${WORKDIR}" ]] || die "--workdir is required"
 [[ -f "${CONFIG%%:*}" ]] || die "--config: file '${CONFIG%%:*}' not found (relative paths are taken from $(pwd))"
+# A relative --workdir is taken from the directory the launcher was started in (URLs as given).
+[[ "${WORKDIR}" == /* || "${WORKDIR}" == *://* ]] || WORKDIR="$(pwd)/${WORKDIR}"
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 # ---- Host count, index and coordinator: flags first, then SLURM, else one host. ----
@@ -147,8 +149,8 @@ if [[ -n "${VENV}" ]]; then
   [[ -x "${PYTHON}" ]] || die "--venv: ${PYTHON} not found (make it with launch/bootstrap_worker.sh --gpu --venv ${VENV})"
 fi
 
-# PYTHONPATH makes the package importable from any directory, so relative
-# --config and --workdir paths keep meaning what the user typed.
+# PYTHONPATH makes the package importable from any directory, so a relative
+# --config keeps meaning what the user typed.
 env_vars=("PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}")
 [[ -z "${GPUS}" ]] || env_vars+=("CUDA_VISIBLE_DEVICES=${GPUS}")
 cmd=(env "${env_vars[@]}" "${PYTHON}" -m pixssl_jax.main --config "${CONFIG}" --workdir "${WORKDIR}"

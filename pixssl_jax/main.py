@@ -65,22 +65,25 @@ def main(argv):
   settings = _distributed_settings()
   if settings is not None:
     jax.distributed.initialize(**settings)
+  from pixssl_jax import paths
   config = _CONFIG.value
+  # Relative paths are taken from the current directory, here and in the config's path fields.
+  workdir = paths.absolute(_WORKDIR.value)
   if jax.process_index() == 0:
     print(f'pixssl_jax: {jax.process_count()} process(es), {jax.device_count()} '
-          f'{jax.devices()[0].platform} device(s); workdir {_WORKDIR.value}', flush=True)
+          f'{jax.devices()[0].platform} device(s); workdir {workdir}', flush=True)
 
   from pixssl_jax.train import config_checks
   try:
     if config.mode == 'pretrain':
       from pixssl_jax.train import pretrain
-      pretrain.train_and_evaluate(config, _WORKDIR.value)
+      pretrain.train_and_evaluate(config, workdir)
     elif config.mode == 'finetune':
       from pixssl_jax.train import finetune
-      finetune.train_and_evaluate(config, _WORKDIR.value)
+      finetune.train_and_evaluate(config, workdir)
     elif config.mode == 'evaluate':
       from pixssl_jax.train import evaluate
-      evaluate.evaluate(config, _WORKDIR.value)
+      evaluate.evaluate(config, workdir)
     else:
       raise config_checks.ConfigError(
           f"config.mode={config.mode!r}: choose 'pretrain' (configs/pretrain.py), 'finetune' "

@@ -56,3 +56,103 @@ def test_validate_raises_with_all_problems(tmp_path):
   assert 'config.batch_size=3 is not divisible by the 2 devices' in message
   assert 'use_global and use_pixel are both False' in message
   assert not os.listdir(tmp_path)  # Nothing was written for a config that cannot run.
+
+
+# One out-of-range value per checked field: (config file, field, value, words of the message).
+OUT_OF_RANGE = [
+    ('pretrain', 'optim.learning_rate', -1e-3, 'must be > 0'),
+    ('pretrain', 'optim.ema_momentum', 1.5, 'must be in [0, 1)'),
+    ('pretrain', 'optim.name', 'sgd', "choose one of ('adamw', 'lars')"),
+    ('pretrain', 'optim.warmup_steps', -1, 'must be >= 0'),
+    ('pretrain', 'optim.weight_decay', -0.1, 'must be >= 0'),
+    ('pretrain', 'optim.grad_clip', -1.0, 'must be >= 0'),
+    ('pretrain', 'batch_size', 0, 'must be >= 1'),
+    ('pretrain', 'num_steps', 0, 'must be >= 1'),
+    ('pretrain', 'checkpoint_every', 0, 'must be >= 1'),
+    ('pretrain', 'log_every', 0, 'must be >= 1'),
+    ('pretrain', 'keep_checkpoints', 0, 'must be >= 1'),
+    ('pretrain', 'image_every', -1, 'must be >= 0'),
+    ('pretrain', 'seed', -1, 'must be >= 0'),
+    ('pretrain', 'data.min_overlap', 2.0, 'must be in [0, 1]'),
+    ('pretrain', 'data.region_scale', 0.5, 'must be >= 1'),
+    ('pretrain', 'data.scale_range', (1.4, 0.7), 'low <= high'),
+    ('pretrain', 'data.min_body_fraction', 1.0, 'must be in [0, 1)'),
+    ('pretrain', 'data.num_phantoms', 2, 'must be >= 5'),
+    ('pretrain', 'data.phantom_shape_scale', 0.0, 'must be > 0'),
+    ('finetune', 'data.phantom_family', 'hard', "choose one of ('basic', 'clinical')"),
+    ('pretrain', 'data.intensity.prob', 1.5, 'must be in [0, 1]'),
+    ('pretrain', 'data.intensity.window_jitter', 1.0, 'must be in [0, 1)'),
+    ('pretrain', 'data.intensity.contrast', -0.1, 'must be in [0, 1)'),
+    ('pretrain', 'data.intensity.gamma', -0.5, 'must be >= 0'),
+    ('pretrain', 'data.intensity.noise_std', -0.1, 'must be >= 0'),
+    ('pretrain', 'data.intensity.blur_sigma', (1.0, 0.5), 'low <= high'),
+    ('pretrain', 'data.worker_count', -1, 'must be >= 0'),
+    ('pretrain', 'data.read_threads', 0, 'must be >= 1'),
+    ('pretrain', 'data.prefetch_buffer_size', 0, 'must be >= 1'),
+    ('pretrain', 'model.num_groups', 0, 'must be >= 1'),
+    ('pretrain', 'model.stabilizer_dropout', 1.0, 'must be in [0, 1)'),
+    ('pretrain', 'model.pixel_proj_dim', 0, 'must be >= 1'),
+    ('pretrain', 'method.tau', 0.0, 'must be > 0'),
+    ('pretrain', 'method.kendall_eps', 0.0, 'must be > 0'),
+    ('pretrain', 'method.threshold_start', -1.0, 'must be > 0'),
+    ('pretrain', 'method.mc_samples', 0, 'must be >= 1'),
+    ('pretrain', 'method.weighting_scale', 'log', "choose one of"),
+    ('pretrain', 'method.tau_absolute', -1.0, 'must be > 0'),
+    ('pretrain', 'method.threshold_keep_start', 0.0, 'must be in (0, 1]'),
+    ('pretrain', 'optim.ema_final_init_share', 1.0, 'must be in [0, 1)'),
+    ('pretrain', 'method.weighting', 'softmax', 'choose one of'),
+    ('pretrain', 'method.match', 'nearest', 'choose one of'),
+    ('pretrain', 'method.match_distance', 0.0, 'must be > 0'),
+    ('pretrain', 'method.lambda_global', -1.0, 'must be >= 0'),
+    ('pretrain', 'method.lambda_variance', -1.0, 'must be >= 0'),
+    ('finetune', 'label_fraction', 0.0, 'must be in (0, 1]'),
+    ('finetune', 'eval_every', 0, 'must be >= 1'),
+    ('finetune', 'label_count', -1, 'must be >= 0'),
+    ('finetune', 'label_slices', -2, 'must be >= 0'),
+    ('finetune', 'data.foreground_prob', 1.5, 'must be in [0, 1]'),
+    ('finetune', 'model.head_dropout', 1.0, 'must be in [0, 1)'),
+    ('finetune', 'loss.dice_weight', -1.0, 'must be >= 0'),
+    ('finetune', 'eval.overlap', 1.0, 'must be in [0, 1)'),
+    ('finetune', 'eval.batch_size', 0, 'must be >= 1'),
+    ('finetune', 'eval.split', 'training', 'choose one of'),
+    ('finetune', 'eval.checkpoint', 'newest', "use 'best', 'last' or a step number"),
+    ('finetune', 'optim.learning_rate', 0.0, 'must be > 0'),
+]
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize('file,field,value,words', OUT_OF_RANGE,
+                         ids=[f'{f}:{k}' for f, k, _, _ in OUT_OF_RANGE])
+def test_each_field_out_of_range_is_named(file, field, value, words):
+  from pixssl_jax import config_files
+  from pixssl_jax.train import finetune_setup
+  config = config_files.load(file, 'tiny')
+  _set(config, field, value)
+  if file == 'pretrain':
+    found = problems(config)
+  else:
+    config.init = 'scratch'
+    found = finetune_setup.config_problems(config, device_count=8, process_count=1)
+  named = [p for p in found if p.startswith(f'config.{field}=')]
+  assert len(named) == 1, found
+  assert words in named[0], named[0]
+
+
+def test_missing_or_unprepared_data_dir_is_named_before_anything_is_written(tmp_path):
+  config = load_config('tiny')
+  config.data.data_dir = str(tmp_path / 'no_store')
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_checks.ConfigError, match='no_store: no such folder'):
+    config_checks.validate_pretrain(config, str(workdir), device_count=8, process_count=1)
+  (tmp_path / 'raw').mkdir()
+  config.data.data_dir = str(tmp_path / 'raw')
+  with pytest.raises(config_checks.ConfigError, match='raw: not a prepared store'):
+    config_checks.validate_pretrain(config, str(workdir), device_count=8, process_count=1)
+  assert not workdir.exists()

@@ -359,8 +359,9 @@ def test_gpu_single_host_has_no_distributed_flags(fake):
   result = _run('gpu.sh', '--config', 'configs/pretrain.py:demo', '--workdir', 'runs/demo',
                 '--gpus', '0,1', '--dry-run', '--', TRICKY_ARG, env=fake)
   assert 'CUDA_VISIBLE_DEVICES=0,1' in shlex.split(result.stdout)
+  # The relative workdir is made absolute against the directory the launcher ran in.
   assert _main_argv(result.stdout) == ['pixssl_jax.main', '--config', 'configs/pretrain.py:demo',
-                                       '--workdir', 'runs/demo', TRICKY_ARG]
+                                       '--workdir', f'{REPO}/runs/demo', TRICKY_ARG]
 
 
 def test_gpu_explicit_hosts_pass_coordinator_and_index(fake):

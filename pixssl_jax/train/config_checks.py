@@ -4,12 +4,17 @@ Every problem found is reported at once, each naming the config field, instead o
 from deep inside JAX minutes into the run.
 """
 
+import math
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from etils import epath
 
+from pixssl_jax.data import default_dataset
 from pixssl_jax.losses import WEIGHTING_FORMS
+from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.models import pixssl
 from pixssl_jax.train.objective import MATCH_MODES
 
@@ -18,11 +23,163 @@ class ConfigError(ValueError):
   """The config or the workdir cannot run; the message lists every problem found."""
 
 
-def data_and_batch_problems(config: ml_collections.ConfigDict, *, device_count: int,
-                            process_count: int, positive_fields: tuple[str, ...]) -> list[str]:
-  """Problems any training config can have: patch shape vs U-Net depth, batch vs devices and
-  processes, counters that must be >= 1. Shared by pre-training and fine-tuning."""
+OPTIMIZERS = ('adamw', 'lars')
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+  """A finite-number check for [lo, hi] (open ends as asked) and how it reads in a message."""
+  def ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    if not math.isfinite(value):
+      return False
+    if lo is not None and (value <= lo if lo_open else value < lo):
+      return False
+    return hi is None or (value < hi if hi_open else value <= hi)
+  if hi is None:
+    text = f'must be {">" if lo_open else ">="} {lo:g}'
+  else:
+    text = (f'must be in {"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}')
+  return ok, text
+
+
+def _pair(lo: float, *, lo_open: bool) -> tuple[Callable[[Any], bool], str]:
+  """A (low, high) pair with lo < / <= low <= high."""
+  is_number, _ = _number(lo, lo_open=lo_open)
+  def ok(value):
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(is_number(v) for v in value) and value[0] <= value[1])
+  return ok, f'must be (low, high) with {lo:g} {"<" if lo_open else "<="} low <= high'
+
+
+def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+  return (lambda value: value in options), f'choose one of {options}'
+
+
+_PROBABILITY = _number(0.0, 1.0)
+_FRACTION = _number(0.0, 1.0, hi_open=True)
+_NON_NEGATIVE = _number(0.0)
+_POSITIVE = _number(0.0, lo_open=True)
+_AT_LEAST_ONE = _number(1)
+
+# Every numeric or enumerated field with a valid range, for both config files (a field a file
+# does not have is skipped). Shapes, divisibility and cross-field rules are checked below.
+FIELD_RANGES = {
+    'seed': _NON_NEGATIVE,
+    'num_steps': _AT_LEAST_ONE,
+    'batch_size': _AT_LEAST_ONE,
+    'log_every': _AT_LEAST_ONE,
+    'checkpoint_every': _AT_LEAST_ONE,
+    'keep_checkpoints': _AT_LEAST_ONE,
+    'eval_every': _AT_LEAST_ONE,
+    'image_every': _number(0),
+    'label_fraction': _number(0.0, 1.0, lo_open=True),
+    'label_count': _number(0),
+    'label_slices': _number(0),
+    'data.num_phantoms': _number(5),  # One case each for train, val and test, two for train_10.
+    'data.phantom_seed': _NON_NEGATIVE,
+    'data.phantom_shape_scale': _POSITIVE,
+    'data.phantom_family': _choice(tuple(default_dataset.PHANTOM_FAMILIES)),
+    'data.region_scale': _number(1.0),
+    'data.min_overlap': _PROBABILITY,
+    'data.scale_range': _pair(0.0, lo_open=True),
+    'data.min_body_fraction': _FRACTION,
+    'data.foreground_prob': _PROBABILITY,
+    'data.intensity.prob': _PROBABILITY,
+    'data.intensity.window_jitter': _FRACTION,
+    'data.intensity.brightness': _NON_NEGATIVE,
+    'data.intensity.contrast': _FRACTION,
+    'data.intensity.gamma': _NON_NEGATIVE,  # Log-uniform in [1/(1+g), 1+g].
+    'data.intensity.noise_std': _NON_NEGATIVE,
+    'data.intensity.blur_sigma': _pair(0.0, lo_open=False),
+    'data.worker_count': _number(0),
+    'data.read_threads': _AT_LEAST_ONE,
+    'data.prefetch_buffer_size': _AT_LEAST_ONE,
+    'model.num_groups': _AT_LEAST_ONE,
+    'model.proj_hidden': _AT_LEAST_ONE,
+    'model.proj_dim': _AT_LEAST_ONE,
+    'model.pixel_proj_dim': _AT_LEAST_ONE,
+    'model.stabilizer_hidden': _AT_LEAST_ONE,
+    'model.stabilizer_dropout': _FRACTION,
+    'model.head_dropout': _FRACTION,
+    'method.mc_samples': _AT_LEAST_ONE,
+    'method.weighting': _choice(WEIGHTING_FORMS),
+    'method.weighting_scale': _choice(WEIGHTING_SCALES),
+    'method.tau': _POSITIVE,
+    'method.tau_absolute': _POSITIVE,
+    'method.threshold_keep_start': _number(0.0, 1.0, lo_open=True),
+    'method.threshold_keep_end': _number(0.0, 1.0, lo_open=True),
+    'method.kendall_eps': _POSITIVE,
+    'method.threshold_start': _POSITIVE,
+    'method.threshold_end': _POSITIVE,
+    'method.lambda_global': _NON_NEGATIVE,
+    'method.lambda_pixel': _NON_NEGATIVE,
+    'method.lambda_variance': _NON_NEGATIVE,
+    'method.lambda_covariance': _NON_NEGATIVE,
+    'method.match': _choice(MATCH_MODES),
+    'method.match_distance': _POSITIVE,
+    'optim.name': _choice(OPTIMIZERS),
+    'optim.learning_rate': _POSITIVE,
+    'optim.warmup_steps': _number(0),
+    'optim.weight_decay': _NON_NEGATIVE,
+    'optim.grad_clip': _NON_NEGATIVE,
+    'optim.ema_momentum': _FRACTION,
+    'optim.ema_final_init_share': _FRACTION,  # 0: m0 = ema_momentum whatever the run length.
+    'loss.dice_weight': _NON_NEGATIVE,
+    'loss.ce_weight': _NON_NEGATIVE,
+    'eval.overlap': _FRACTION,
+    'eval.batch_size': _AT_LEAST_ONE,
+    'eval.mc_samples': _AT_LEAST_ONE,
+    'eval.val_max_cases': _number(0),
+}
+
+_MISSING = object()
+
+
+def _field(config: ml_collections.ConfigDict, path: str) -> Any:
+  node = config
+  for name in path.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
+      return _MISSING
+    node = node[name]
+  return node
+
+
+def range_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """One message per field of `FIELD_RANGES` whose value is out of its range."""
   problems = []
+  for path, (ok, rule) in FIELD_RANGES.items():
+    value = _field(config, path)
+    if value is not _MISSING and not ok(value):
+      problems.append(f'config.{path}={value!r}: {rule}.')
+  spacing = _field(config, 'data.phantom_spacing')
+  if spacing is not _MISSING and not (len(spacing) == 3 and all(
+      _POSITIVE[0](v) for v in spacing)):
+    problems.append(f'config.data.phantom_spacing={tuple(spacing)}: must be three spacings > 0 '
+                    '(mm).')
+  return problems
+
+
+def data_dir_problems(data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """`data.data_dir`, when set, must be a store `prepare` wrote (its `store.json` exists)."""
+  if not data_cfg.data_dir:
+    return []
+  path = epath.Path(data_cfg.data_dir)
+  if not path.exists():
+    return [f'config.data.data_dir={data_cfg.data_dir}: no such folder; make a store with '
+            'python -m pixssl_jax.data.prepare --raw_dir RAW --data_dir STORE.']
+  if not (path / 'store.json').exists():
+    return [f'config.data.data_dir={data_cfg.data_dir}: not a prepared store (no store.json); '
+            'make one with python -m pixssl_jax.data.prepare --raw_dir RAW --data_dir STORE.']
+  return []
+
+
+def data_and_batch_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                            process_count: int) -> list[str]:
+  """Problems any training config can have: fields out of range, patch shape vs U-Net depth,
+  batch vs devices and processes. Shared by pre-training and fine-tuning."""
+  problems = range_problems(config)
   data, model = config.data, config.model
   if data.ndim not in (2, 3):
     problems.append(f'config.data.ndim={data.ndim}: must be 2 (axial slices) or 3 (patches).')
@@ -31,45 +188,40 @@ def data_and_batch_problems(config: ml_collections.ConfigDict, *, device_count: 
                     f'axes but config.data.ndim={data.ndim}.')
   levels = len(model.features)
   factor = 2 ** (levels - 1)
-  if any(p % factor for p in data.patch_size):
+  if any(p < 1 for p in data.patch_size):
+    problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be >= 1.')
+  elif any(p % factor for p in data.patch_size):
     problems.append(f'config.data.patch_size={tuple(data.patch_size)}: every axis must be '
                     f'divisible by {factor}, the U-Net down-sampling factor of {levels} levels '
                     f'(config.model.features={tuple(model.features)}).')
-  if config.batch_size % device_count:
+  if config.batch_size >= 1 and config.batch_size % device_count:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by the '
                     f'{device_count} devices of the data mesh.')
-  if config.batch_size % process_count:
+  if config.batch_size >= 1 and config.batch_size % process_count:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by the '
                     f'{process_count} processes.')
-  for field in positive_fields:
-    if config[field] < 1:
-      problems.append(f'config.{field}={config[field]}: must be >= 1.')
   return problems
 
 
 def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count: int,
                              process_count: int) -> list[str]:
   """Returns one message per inconsistency in a pre-training config (empty if none)."""
-  problems = data_and_batch_problems(
-      config, device_count=device_count, process_count=process_count,
-      positive_fields=('num_steps', 'checkpoint_every', 'log_every', 'keep_checkpoints'))
+  problems = data_and_batch_problems(config, device_count=device_count,
+                                     process_count=process_count)
   data, model, method = config.data, config.model, config.method
-  if data.ndim in (2, 3):
+  # The model checks its own fields; skipped when a range check already named one of them.
+  if data.ndim in (2, 3) and not any(p.startswith('config.model.') for p in problems):
     try:
-      pixssl.build_model(model, data.ndim)  # The model checks its own fields.
+      pixssl.build_model(model, data.ndim)
     except ValueError as e:
       problems.append(f'config.{e}.')
-  if method.weighting not in WEIGHTING_FORMS:
-    problems.append(f'config.method.weighting={method.weighting!r}: choose one of '
-                    f'{WEIGHTING_FORMS}.')
-  if method.match not in MATCH_MODES:
-    problems.append(f'config.method.match={method.match!r}: choose one of {MATCH_MODES}.')
-  if method.mc_samples < 1:
-    problems.append(f'config.method.mc_samples={method.mc_samples}: must be >= 1.')
+  for low, high in (('threshold_start', 'threshold_end'),
+                    ('threshold_keep_start', 'threshold_keep_end')):
+    if low in method and method[high] < method[low]:
+      problems.append(f'config.method.{high}={method[high]} is below '
+                      f'config.method.{low}={method[low]}.')
   if not (method.use_global or method.use_pixel):
     problems.append('config.method: use_global and use_pixel are both False; nothing to learn.')
-  if config.image_every < 0:
-    problems.append(f'config.image_every={config.image_every}: must be >= 0 (0 disables).')
   return problems
 
 
@@ -92,6 +244,7 @@ def validate_pretrain(config: ml_collections.ConfigDict, workdir: str, *, device
     raise ConfigError(f"config.mode={config.mode!r}: this entry point runs 'pretrain'.")
   problems = pretrain_config_problems(config, device_count=device_count,
                                       process_count=process_count)
+  problems += data_dir_problems(config.data)
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
   check_workdir_writable(workdir)
