@@ -101,7 +101,7 @@ def test_a_perfect_prediction_scores_near_one_on_the_original_grid(finetuned, mo
   monkeypatch.setattr(evaluate.VolumeScorer, 'predict', lambda self, params, image: (
       np.asarray(store.label(current['case_id']), np.uint8), None))
   config = finetune_config(pretrained_workdir=config.pretrained_workdir, mode='evaluate')
-  config.eval.split = 'pretrain'  # Every case: both orientations.
+  config.eval.split = 'pretrain'  # The training cases: both orientations are among them.
   config.eval.export = False  # Scored on the original grid all the same, nothing written.
   listing = lambda: sorted((workdir / 'predictions').glob('*'))
   written = listing()

@@ -11,6 +11,7 @@ merges the rows and writes `metrics.csv`/`metrics.json`.
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from pixssl_jax import paths
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.evaluation import export
@@ -101,6 +103,18 @@ def _raw_label(store: case_store.CaseStore, case_id: str) -> np.ndarray | None:
   return np.rint(np.asarray(nib.load(path).dataobj, np.float64)).astype(np.int32)
 
 
+def _readable_metrics(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The saved metrics of `step`; None, with a warning line, when its `meta` does not read."""
+  try:
+    return checkpointing.saved_metrics(manager, step)
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged step cannot be the best; say so instead of ranking without it in silence.
+    print(f'warning: checkpoint step {step} left out of the choice of the best: its metrics '
+          f'do not read ({checkpointing.step_path(manager, step)}: '
+          f'{checkpointing.short_reason(e)}).', file=sys.stderr, flush=True)
+    return None
+
+
 def choose_checkpoint(manager: ocp.CheckpointManager, which) -> int:
   """The step of `config.eval.checkpoint`: 'best' (highest val Dice), 'last', or a step."""
   steps = sorted(manager.all_steps())
@@ -112,7 +126,7 @@ def choose_checkpoint(manager: ocp.CheckpointManager, which) -> int:
     return steps[-1]
   if which == 'best':
     scored = [(m['val_dice'], s) for s in steps
-              if (m := checkpointing.saved_metrics(manager, s)) and m.get('val_dice') is not None]
+              if (m := _readable_metrics(manager, s)) and m.get('val_dice') is not None]
     return max(scored)[1] if scored else steps[-1]
   try:
     step = int(which)
@@ -132,16 +146,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) ->
     The summary rows (one per organ, then 'mean'); process 0 also wrote
     `WORKDIR/metrics.csv`, `WORKDIR/metrics.json` and `WORKDIR/predictions/`.
   """
+  config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
   finetune_setup.validate(config, workdir)
   config = finetune_setup.resolve(config, workdir)
   store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
   model = finetune_setup.build_model(config, store)
   tx = finetune_step.make_optimizer(config)
-  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
-                                       best_metric='val_dice', async_save=False)
+  # Read-only: evaluation neither creates, cleans nor deletes checkpoints.
+  manager = checkpointing.open_reader(checkpointing.checkpoint_dir(workdir))
   step = choose_checkpoint(manager, config.eval.checkpoint)
+  # The chosen step or a clear error: scoring another checkpoint than asked would mislead.
   state, _, _ = checkpointing.restore_latest(
-      manager, finetune_setup.abstract_state(model, tx, config), None, step=step)
+      manager, finetune_setup.abstract_state(model, tx, config), None, step=step,
+      choose='--config.eval.checkpoint=STEP')
+  manager.close()
   params = local_copy(state.params)
   print_fn(f'Evaluating checkpoint {step} ({config.eval.checkpoint}) on split '
            f'{config.eval.split!r} of {store.data_dir}')

@@ -9,6 +9,7 @@ import math
 import jax
 import ml_collections
 
+from pixssl_jax import paths
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.train import checkpointing
@@ -17,6 +18,7 @@ from pixssl_jax.train import finetune_setup
 from pixssl_jax.train import finetune_step
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
+from pixssl_jax.train import preemption
 from pixssl_jax.train import pretrain
 
 BEST_METRIC = 'val_dice'
@@ -30,7 +32,7 @@ def _loader(store, config, train_ids):
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       foreground_prob=config.data.foreground_prob, flip=config.data.flip,
-      worker_count=config.data.worker_count))
+      worker_count=config.data.worker_count, label_slices=config.get('label_slices', 0)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -41,16 +43,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The final state. `WORKDIR/checkpoints` keeps the latest `keep_checkpoints` and the one
     with the best validation Dice (`--config.mode=evaluate` uses the best by default).
   """
+  config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
   finetune_setup.validate(config, workdir)
   config = finetune_setup.resolve(config, workdir)
+  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
+  model = finetune_setup.build_model(config, store)
   is_chief = jax.process_index() == 0
   if is_chief:
     pretrain.write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
-  model = finetune_setup.build_model(config, store)
   tx = finetune_step.make_optimizer(config)
-  described, train_ids = finetune_setup.label_split(store, config.label_fraction, config.seed)
+  described, train_ids = finetune_setup.label_split(store, config.label_fraction, config.seed,
+                                                    count=config.get('label_count', 0))
   print_fn(f'Fine-tuning on {len(train_ids)} labelled case(s) ({described}, label_fraction '
            f'{config.label_fraction}); validating on {len(store.split("val"))} case(s)'
            + ('; linear probe: backbone frozen, head on decoder level '
@@ -84,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointing.save(manager, step, state, data_iter, force=True,
                        metrics={BEST_METRIC: scores['dice']})
 
-  stop_requested = pretrain.StopRequest(manager)
+  stop_requested = preemption.StopRequest(manager)
   pending = None
   try:
     for step in range(start_step, config.num_steps):
@@ -92,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pretrain.finish_step(pending, writer, config, _HINT)
         checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
         manager.wait_until_finished()
-        print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
+        print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
         return state
       if step > start_step and step % config.eval_every == 0:
         pending = pretrain.finish_step(pending, writer, config, _HINT)

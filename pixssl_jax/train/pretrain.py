@@ -2,14 +2,13 @@
 
 import json
 import math
-import signal
-import threading
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
+from pixssl_jax import paths
 from pixssl_jax.data import case_store
 from pixssl_jax.data import default_dataset
 from pixssl_jax.data import pipeline
@@ -18,38 +17,9 @@ from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
+from pixssl_jax.train import preemption
 from pixssl_jax.train import state as state_lib
 from pixssl_jax.train import step as step_lib
-
-
-class StopRequest:
-  """Knows whether the run must checkpoint and stop now (SIGTERM: a preemption notice).
-
-  With `jax.distributed` initialised, JAX's preemption service owns SIGTERM and Orbax's
-  `reached_preemption` names a step all processes agree on (a few steps after the signal). A
-  single uninitialised process handles SIGTERM itself and stops at the next step boundary.
-  """
-
-  def __init__(self, manager):
-    self._manager = manager
-    self._signalled = threading.Event()
-    self._distributed = jax.distributed.is_initialized()
-    self._previous_handler = None
-    if not self._distributed and threading.current_thread() is threading.main_thread():
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._signalled.set()
-
-  def __call__(self, step: int) -> bool:
-    if self._distributed:
-      return self._manager.reached_preemption(step)
-    return self._signalled.is_set()
-
-  def close(self):
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
 
 
 def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -60,7 +30,8 @@ def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
       cache_root=data_cfg.cache_dir, num_cases=data_cfg.num_phantoms,
       seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale,
       # Configs written before the field existed used the default grid.
-      spacing=tuple(data_cfg.get('phantom_spacing', default_dataset.DEFAULT_SPACING)))
+      spacing=tuple(data_cfg.get('phantom_spacing', default_dataset.DEFAULT_SPACING)),
+      family=data_cfg.get('phantom_family', 'basic'))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -110,21 +81,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Pre-trains from scratch or resumes from the latest checkpoint in `workdir`.
 
   Args:
-    config: a config from `configs/pretrain.py` (with overrides); never modified.
-    workdir: where `config.json`, `checkpoints/`, `tensorboard/` and `metrics.jsonl` go.
+    config: a config from `configs/pretrain.py` (with overrides); never modified. Relative
+      paths in it are taken from the current directory.
+    workdir: where `config.json`, `checkpoints/`, `tensorboard/` and `metrics.jsonl` go (a
+      local path, relative or absolute, or a gs:// URL).
     print_fn: receives the progress lines (process 0 only).
 
   Returns:
     The final train state (replicated over the mesh).
   """
+  config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
   config_checks.validate_pretrain(config, workdir, device_count=jax.device_count(),
                                   process_count=jax.process_count())
+  store = case_store.CaseStore(resolve_data_dir(config.data))
   is_chief = jax.process_index() == 0
   if is_chief:
     write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
 
-  store = case_store.CaseStore(resolve_data_dir(config.data))
   data_iter = _make_data_iterator(store, config)
   model = pixssl.build_model(config.model, config.data.ndim)
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
@@ -153,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
                                         voxels_per_step=voxels_per_step, enabled=is_chief,
                                         print_fn=print_fn)
-  stop_requested = StopRequest(manager)
+  stop_requested = preemption.StopRequest(manager)
   pending = None  # (step, metrics) of the step in flight.
 
   try:
@@ -164,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpointing.save(manager, step, state, data_iter, force=True)
         if stop:
           manager.wait_until_finished()
-          print_fn(f'Stop requested (SIGTERM): saved step {step}, exiting.')
+          print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
           return state
       batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
       pending = finish_step(pending, writer, config)

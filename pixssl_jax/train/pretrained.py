@@ -60,19 +60,17 @@ def restore_student_params(workdir: str, step: int | None = None) -> tuple[Any, 
 
   Args:
     workdir: a pre-training workdir.
-    step: the checkpoint step; None takes the latest.
+    step: the checkpoint step, restored or a ConfigError; None takes the latest that restores
+      (a newer one that does not is named in a warning line on stderr and left in place).
   """
   config = read_pretrain_config(workdir)
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  # No preservation policy: this manager only reads, so it never deletes anything.
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_names=('state', 'data', 'meta'))
+  # Read-only: another run's checkpoints; nothing there is created, cleaned, moved or deleted.
+  manager = checkpointing.open_reader(ckpt_dir)
   steps = manager.all_steps()
   if not steps:
     raise config_checks.ConfigError(f'config.pretrained_workdir: no checkpoint in {ckpt_dir}')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
+  if step is not None and step not in steps:
     raise config_checks.ConfigError(
         f'config.pretrained_step={step}: no such checkpoint in {ckpt_dir} (have {sorted(steps)})')
   model = pixssl.build_model(config.model, config.data.ndim)
@@ -81,11 +79,25 @@ def restore_student_params(workdir: str, step: int | None = None) -> tuple[Any, 
   # Only the student params are read: the teacher and the optimizer moments (three more copies
   # of the network) stay on disk. The same on-disk format as StandardSave, restored partially.
   target = {'params': step_lib.abstract_train_state(model, tx, config, mesh).params}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  return jax.device_get(restored['state']['params']), step
+
+  def restore(s):
+    restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return jax.device_get(restored['state']['params'])
+
+  try:
+    if step is None:  # The latest that restores, with a warning for each newer one.
+      params, step = checkpointing.newest_restorable(
+          manager, restore, set_aside=False,
+          advice='re-run the pre-training (in a fresh workdir, or after deleting the '
+                 'damaged step folders)')
+    else:  # Exactly the step asked for.
+      params = checkpointing.restore_exact(manager, restore, step,
+                                           choose='--config.pretrained_step')
+  finally:
+    manager.close()
+  return params, step
 
 
 def _flat(tree: Mapping) -> dict[str, Any]:
