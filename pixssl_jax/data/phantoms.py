@@ -58,6 +58,7 @@ import numpy as np
 from scipy import ndimage
 
 from pixssl_jax.data.phantom_geometry import Canvas
+from pixssl_jax.data.phantom_geometry import canvas_for_pose
 from pixssl_jax.data.phantom_geometry import deformed
 from pixssl_jax.data.phantom_geometry import ellipse_xy
 from pixssl_jax.data.phantom_geometry import ellipsoid
@@ -100,19 +101,7 @@ def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str) -
   shift = np.array([uniform(rng, -30, 30), uniform(rng, -30, 30), uniform(rng, -300, 300)])
   rot = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
   fov_centre = rot @ [uniform(rng, -10, 10), uniform(rng, -15, 10), uniform(rng, 10, 30)] + shift
-  signs = np.array([1., 1., 1.]) if orientation == 'RAS' else np.array([-1., -1., 1.])
-  diag = signs * np.array([dxy, dxy, dz])
-  affine = np.eye(4)
-  affine[:3, :3] = np.diag(diag)
-  affine[:3, 3] = fov_centre - diag * (np.array(shape) - 1) / 2
-  xw, yw, zw = (affine[a, 3] + diag[a] * np.arange(n) for a, n in enumerate(shape))
-  dxw, dyw = (xw - shift[0])[:, None, None], (yw - shift[1])[None, :, None]
-  c, s = np.cos(yaw), np.sin(yaw)  # Anatomy frame = rot^T (world - shift).
-  return Canvas(affine=affine, yaw=yaw, shift=shift,
-                 xa=(c * dxw + s * dyw).astype(np.float32),
-                 ya=(-s * dxw + c * dyw).astype(np.float32),
-                 za=(zw - shift[2])[None, None, :].astype(np.float32),
-                 hu=np.full(shape, -1000., np.float32), label=np.zeros(shape, np.uint8))
+  return canvas_for_pose(shape, (dxy, dxy, dz), orientation, yaw, shift, fov_centre)
 
 
 class _Body:
