@@ -11,13 +11,13 @@ of their medians is the change's effect.
 
 Variants:
   * threefry_bits: the dropout masks' bits from `jax.random.bits` (threefry) instead of
-    `models/dropout_bits.hashed_bits`, the form before 2026-11-26 (session 6).
+    `models/dropout_bits.hashed_bits`, the form the hashed bits replaced.
   * ynn_convolutions: XLA:CPU hands the convolutions to YNNPACK too, not only the reductions
     (`pixssl_jax/xla_options.py`).
   * serial_scheduler: `xla_cpu_enable_concurrency_optimized_scheduler` off (XLA:CPU's
     scheduler then does not try to run independent ops side by side).
   * Other forms of the stride-1 folded 3-D convolution (`conv_ops.conv_folding_first_axis`,
-    tried and dropped, docs/performance.md "session 7"): depth_taps_shared (one 2-D
+    tried and dropped, docs/performance.md "Tried and not kept"): depth_taps_shared (one 2-D
     convolution per depth tap over the whole depth-padded input, the outputs shifted and
     summed: no slab), depth_taps_sliced (the same on depth-shifted slices of the padded
     input, `layer_forms.conv_by_depth_taps`, the per-tap form first tried), taps_on_outputs

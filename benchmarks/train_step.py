@@ -1,4 +1,4 @@
-r"""Pre-training step time against PyTorch and the machine's matmul peak (issues 3 and 7).
+r"""Pre-training step time against PyTorch and the machine's matmul peak.
 
   PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64,btcv_3d] [--steps 6]
       [--batch btcv_3d=1] [--no-torch] [--dtype bfloat16] [--cpu-library-fusions LIST]
@@ -6,7 +6,7 @@ r"""Pre-training step time against PyTorch and the machine's matmul peak (issues
 On a GPU host (JAX's default backend `gpu`, torch built with CUDA) the same command times
 both frameworks on the GPU; `--dtype bfloat16` sets the JAX `model.dtype` and runs the
 PyTorch forward passes under `torch.autocast(bfloat16)`, and the matmul peak is then a
-bfloat16 one, so "% of peak" is the model FLOPs utilisation the issue asks for.
+bfloat16 one, so "% of peak" is the model FLOPs utilisation.
 
 For each preset, on this machine's default JAX devices (one CPU device uses every core), with
 random inputs (the input pipeline is benchmarks/input_pipeline.py's business):
