@@ -404,7 +404,7 @@ def test_gpu_execs_the_interpreter(fake, tmp_path):
   result = _run('gpu.sh', '--python', str(python), '--config', CONFIG, '--workdir', 'w', '--',
                 TRICKY_ARG, env=fake)
   assert result.stdout.splitlines() == ['-m', 'pixssl_jax.main', '--config', CONFIG,
-                                        '--workdir', 'w', TRICKY_ARG]
+                                        '--workdir', f'{REPO}/w', TRICKY_ARG]
 
 
 # ---- babysit_tpu.sh ----
