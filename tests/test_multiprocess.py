@@ -95,15 +95,18 @@ def test_multi_process_checkpoint_restores_on_one_device(runs):
   multi = jax.tree.leaves(jax.device_get(state.params))
   single = jax.tree.leaves(jax.device_get(reference.params))
   # The two topologies all-reduce the gradients in different orders, so float32 gradients
-  # differ in their last bits, and after 3 AdamW steps (peak lr 1e-3) single weights of the
-  # coarsest level (few positions: one activation crossing a leaky-ReLU kink can move much of
-  # a kernel's gradient) differed by up to 1.1e-5 with numerically equal forms of the network
-  # (docs/performance.md). A sharding bug (a wrong mean, a missing all-reduce) moves every
-  # weight by a good part of a step: the mean difference catches it, at 1e-4 of a step.
+  # differ in their last bits. Adam normalises each update, so a weight whose gradient is
+  # near zero (the finest decoder level, reached only through the pixel projector's
+  # hypercolumn, has a few) can move by up to 2 learning-rate steps (peak lr 1e-3) more in one
+  # run than in the other when its gradient's sign flips. A sharding bug (a wrong mean, a
+  # missing all-reduce) moves every weight by a good part of a step: the mean difference
+  # catches it, at 0.5% of a step.
+  lr = 1e-3
   for a, b in zip(multi, single):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # 5% of one learning-rate step.
+    np.testing.assert_allclose(a, b, rtol=0, atol=2.5 * lr)
   differences = np.concatenate([np.abs(a - b).ravel() for a, b in zip(multi, single)])
-  assert differences.mean() < 1e-7, differences.mean()
+  # Measured: mean 6.8e-7 (max 1.3e-4) with the hypercolumn, 1.4e-9 (max 1.5e-6) without it.
+  assert differences.mean() < 5e-3 * lr, differences.mean()
 
 
 
@@ -121,5 +124,6 @@ def test_resuming_on_another_process_count_continues_exactly(runs):
   assert 'Resumed from step 3' in outputs[0][0] and 'data stream repositioned' in outputs[0][0]
   assert 'repositioned' not in outputs[1][0]
   multi, single = losses(two), losses(one)
+  # The restored weights differ in their last bits (see the test above): 3e-5 measured.
   for step in (4, 5):
-    np.testing.assert_allclose(multi[step], single[step], rtol=1e-5, err_msg=f'step {step}')
+    np.testing.assert_allclose(multi[step], single[step], rtol=2e-4, err_msg=f'step {step}')
