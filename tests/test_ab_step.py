@@ -24,13 +24,6 @@ def test_threefry_variant_swaps_the_dropout_bits_and_restores_them():
   np.testing.assert_array_equal(np.asarray(dropout_scale(shape, 0.5, key)), current)
 
 
-def test_compare_times_both_forms():
-  mesh = bench.mesh_lib.make_data_mesh(jax.devices()[:1])
-  row = ab_step.compare(bench.preset_config('tiny'), mesh, 'threefry_bits', rounds=2)
-  assert row['current_s'] > 0 and row['variant_s'] > 0
-  np.testing.assert_allclose(row['ratio'], row['current_s'] / row['variant_s'])
-
-
 def test_option_variants_compile_with_their_options_and_restore_them():
   xla_options.compiler_options.cache_clear()
   before = xla_options.compiler_options()
