@@ -1,4 +1,4 @@
-"""benchmarks/ab_step.py: its variant really swaps the code, and the comparison runs both."""
+"""benchmarks/ab_step.py: its variants really swap the code and restore it."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from benchmarks import ab_step
-from benchmarks import train_step as bench
 from pixssl_jax import xla_options
 from pixssl_jax.models import conv_ops
 from pixssl_jax.models import dropout_bits
