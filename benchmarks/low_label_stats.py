@@ -39,26 +39,23 @@ def case_means(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]
   Returns:
     {case_id: {'dice': float, 'hd95': float}} for every case with a scored organ.
   """
-  acc: dict[str, dict[str, list[float]]] = {}
-  for row in rows:
-    if row['status'] == _EXCLUDED or row['dice'] is None:
-      continue
-    case = acc.setdefault(row['case_id'], {'dice': [], 'hd95': []})
-    case['dice'].append(float(row['dice']))
-    case['hd95'].append(float('nan') if row['hd95'] is None else float(row['hd95']))
-  return {cid: {'dice': float(np.mean(v['dice'])), 'hd95': float(np.mean(v['hd95']))}
-          for cid, v in acc.items()}
+  return _means_by(rows, 'case_id')
 
 
 def organ_means(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
   """Per organ, the mean Dice and HD95 over the cases where it was scored."""
+  return _means_by(rows, 'organ')
+
+
+def _means_by(rows: Iterable[Mapping[str, Any]], key: str) -> dict[str, dict[str, float]]:
+  """Mean Dice and HD95 of the scored rows, grouped by `row[key]` (NaN HD95 written as None)."""
   acc: dict[str, dict[str, list[float]]] = {}
   for row in rows:
     if row['status'] == _EXCLUDED or row['dice'] is None:
       continue
-    organ = acc.setdefault(row['organ'], {'dice': [], 'hd95': []})
-    organ['dice'].append(float(row['dice']))
-    organ['hd95'].append(float('nan') if row['hd95'] is None else float(row['hd95']))
+    group = acc.setdefault(row[key], {'dice': [], 'hd95': []})
+    group['dice'].append(float(row['dice']))
+    group['hd95'].append(float('nan') if row['hd95'] is None else float(row['hd95']))
   return {name: {'dice': float(np.mean(v['dice'])), 'hd95': float(np.mean(v['hd95']))}
           for name, v in acc.items()}
 
