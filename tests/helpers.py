@@ -1,5 +1,6 @@
 """Shared test helpers: loading config presets and random pre-training batches."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -26,3 +27,11 @@ def random_batch(config, seed=0):
   t2[:, 1, n] = -2.0
   return dict(view1=views[0], view2=views[1], transform1=t1.astype(np.float32),
               transform2=t2.astype(np.float32))
+
+
+def logged_steps(workdir):
+  """Steps logged in `workdir/metrics.jsonl` so far (a line still being written is skipped)."""
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(l)['step'] for l in path.read_text().splitlines() if l.endswith('}')]

@@ -18,6 +18,7 @@ import pytest
 
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import pretrain
+from tests.helpers import logged_steps
 from tests.helpers import load_config
 from tests.test_checkpointing import damage
 
@@ -55,13 +56,6 @@ def start_and_signal_at(workdir, step, sig):
     time.sleep(0.02)
   out, err = proc.communicate(timeout=300)
   return proc.returncode, out, err
-
-
-def logged_steps(workdir):
-  path = workdir / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(l)['step'] for l in path.read_text().splitlines() if l.endswith('}')]
 
 
 def losses(workdir):

@@ -1,6 +1,5 @@
 """SIGINT and SIGTERM: save at the next step boundary and exit 0; a second Ctrl-C interrupts."""
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import preemption
 from pixssl_jax.train import state as state_lib
 from pixssl_jax.train import step as step_lib
+from tests.helpers import logged_steps
 from tests.helpers import REPO
 from tests.helpers import load_config
 
@@ -107,13 +107,6 @@ def run_to_completion(workdir, env):
                         env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   return done
-
-
-def logged_steps(workdir):
-  path = workdir / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(l)['step'] for l in path.read_text().splitlines() if l.endswith('}')]
 
 
 def with_default_sigint(command):
