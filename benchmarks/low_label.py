@@ -44,6 +44,7 @@ import resource
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 from absl import logging
@@ -59,30 +60,57 @@ from pixssl_jax.train import finetune  # noqa: E402
 from pixssl_jax.train import finetune_setup  # noqa: E402
 from pixssl_jax.train import pretrain  # noqa: E402
 
-# Arms: pre-training overrides (configs/pretrain.py fields; None: no pre-training) and the
-# fine-tuning length relative to the others. Every ablation changes one field of `full`.
+
+
+class Arm(NamedTuple):
+  """One arm: how it pre-trains and how it fine-tunes.
+
+  Attributes:
+    pretrain: configs/pretrain.py overrides; None: no pre-training (from scratch).
+    finetune_length: fine-tuning steps relative to the other arms.
+    finetune: configs/finetune.py overrides.
+    pretrained_as: reuse this arm's pre-training (an arm that changes only fine-tuning).
+  """
+  pretrain: dict | None
+  finetune_length: int = 1
+  finetune: dict = {}
+  pretrained_as: str | None = None
+
+
+# Every ablation changes one field of `full`.
 ARMS = {
-    'scratch': (None, 1),
+    'scratch': Arm(None),
     # Scratch with twice the fine-tuning steps: whether a pre-trained start is worth more than
     # simply training longer.
-    'scratch_long': (None, 2),
+    'scratch_long': Arm(None, finetune_length=2),
     # The random backbone every pre-trained arm of that pre-training seed starts from, after
     # one step: against it, an arm's gain is the pre-training's, not its initialisation's.
-    'init_only': ({'num_steps': 1, 'checkpoint_every': 1, 'keep_checkpoints': 1}, 1),
-    'full': ({}, 1),
-    'global_only': ({'method.use_pixel': False}, 1),
-    'pixel_only': ({'method.use_global': False}, 1),
-    'no_stabilizer': ({'method.use_stabilizer': False}, 1),
-    'no_uncertainty': ({'method.weighting': 'none'}, 1),
+    'init_only': Arm({'num_steps': 1, 'checkpoint_every': 1, 'keep_checkpoints': 1}),
+    'full': Arm({}),
+    'global_only': Arm({'method.use_pixel': False}),
+    'pixel_only': Arm({'method.use_global': False}),
+    'no_stabilizer': Arm({'method.use_stabilizer': False}),
+    'no_uncertainty': Arm({'method.weighting': 'none'}),
     # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
-    'no_mc': ({'method.mc_samples': 1}, 1),
+    'no_mc': Arm({'method.mc_samples': 1}),
     # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
-    # batch statistics in the pixel projector, no mirroring augmentations.
-    'full_no_spread': ({'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0}, 1),
-    'full_pixel_bn': ({'model.pixel_norm': 'batch'}, 1),
-    'full_no_mirror': ({'data.flip': False, 'data.rot90': False}, 1),
+    # batch statistics in the pixel projector, mirroring augmentations in the views.
+    'full_no_spread': Arm({'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0}),
+    'full_pixel_bn': Arm({'model.pixel_norm': 'batch'}),
+    'full_mirror': Arm({'data.flip': True, 'data.rot90': True}),
+    # The fine-tuning recipe: `full`'s pre-training, the backbone fine-tuned at a tenth of the
+    # head's rate, so it moves less from what pre-training learned.
+    'full_backbone_lr_0.1': Arm({}, finetune={'optim.backbone_lr_scale': 0.1},
+                                pretrained_as='full'),
 }
 BASELINE = 'scratch'
+# Every pre-trained arm is also paired with it: an ablation's loss against the full method.
+REFERENCE = 'full'
+
+
+def pretrained_as(arm: str) -> str:
+  """The arm whose pre-training `arm` fine-tunes."""
+  return ARMS[arm].pretrained_as or arm
 
 # Per size: config presets, data, lengths and the default selection of runs.
 SIZES = {
@@ -184,14 +212,14 @@ class Benchmark:
                    'log_every': max(1, min(50, self.pretrain_steps)), 'image_every': 0,
                    'checkpoint_every': every,
                    'keep_checkpoints': -(-self.pretrain_steps // every) + 1})
-    return override(pre, ARMS[arm][0])
+    return override(pre, ARMS[arm].pretrain)
 
   def finetune_config(self, arm: str = BASELINE, budget: dict | None = None, seed: int = 0,
                       pretrain_dir: pathlib.Path | None = None, step: int | None = None,
                       probe: bool = False):
     ft = config_files.load('finetune', self.size['presets'][1])
     override(ft, self.data)
-    steps = (self.probe_num_steps if probe else self.finetune_steps * ARMS[arm][1])
+    steps = (self.probe_num_steps if probe else self.finetune_steps * ARMS[arm].finetune_length)
     # Whole-volume validation costs minutes on a CPU: once, at the end, on 2 val cases (model
     # selection is then the last checkpoint); the test split is scored in full.
     override(ft, {**self.size['finetune'], 'num_steps': steps, 'eval_every': steps,
@@ -201,6 +229,8 @@ class Benchmark:
       override(ft, {k: budget[k] for k in ('label_fraction', 'label_count', 'label_slices')})
     if self.args.finetune_lr:
       ft.optim.learning_rate = self.args.finetune_lr
+    if not probe:
+      override(ft, ARMS[arm].finetune)
     if pretrain_dir is None:
       ft.init = 'scratch'
     else:
@@ -233,14 +263,14 @@ class Benchmark:
   def jobs(self) -> list[dict]:
     """Every job of this invocation, in run order: pre-trainings, fine-tunings, probes."""
     a = self.args
-    pretrained = [arm for arm in a.arms if ARMS[arm][0] is not None]
-    probed = [arm for arm in a.probe_arms if ARMS[arm][0] is not None]
+    pretrained = [pretrained_as(arm) for arm in a.arms if ARMS[arm].pretrain is not None]
+    probed = [pretrained_as(arm) for arm in a.probe_arms if ARMS[arm].pretrain is not None]
     jobs = [{'kind': 'pretrain', 'arm': arm, 'pretrain_seed': p}
             for p in a.pretrain_seeds for arm in dict.fromkeys(pretrained + probed)]
     for s in a.finetune_seeds:
       for budget in a.budgets:
         for arm in a.arms:
-          for p in (a.pretrain_seeds if ARMS[arm][0] is not None else [None]):
+          for p in (a.pretrain_seeds if ARMS[arm].pretrain is not None else [None]):
             jobs.append({'kind': 'finetune', 'arm': arm, 'budget': budget['name'],
                          'pretrain_seed': p, 'finetune_seed': s})
     probe_seed = a.finetune_seeds[0]
@@ -283,7 +313,7 @@ class Benchmark:
     budget = next(b for b in self.args.budgets + [self.args.probe_budget]
                   if b['name'] == job['budget'])
     pre_dir = (None if job['pretrain_seed'] is None
-               else self.pretrain_dir(job['arm'], job['pretrain_seed']))
+               else self.pretrain_dir(pretrained_as(job['arm']), job['pretrain_seed']))
     config = self.finetune_config(job['arm'], budget, job['finetune_seed'], pre_dir,
                                   job.get('step'), probe=job['kind'] == 'probe')
     workdir = run_dir / 'run'
@@ -293,7 +323,7 @@ class Benchmark:
     rows = json.loads((workdir / 'metrics.json').read_text())['cases']
     described, train_ids = finetune_setup.label_split(
         self.store, config.label_fraction, config.seed, count=config.label_count)
-    result = {**job, **evaluate.mean_scores(summary),
+    result = {**job, **evaluate.mean_scores(summary), 'val_dice': final_val_dice(workdir),
               'labelled': {'described': described, 'cases': train_ids,
                            'slices': config.label_slices},
               'cases': stats.case_means(rows), 'organs': stats.organ_means(rows),
@@ -303,6 +333,16 @@ class Benchmark:
     if not self.args.keep_checkpoints:  # The result is written; the weights are not needed.
       shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
     return result
+
+
+def final_val_dice(workdir: pathlib.Path) -> float | None:
+  """The last validation Dice a fine-tuning logged (the selection score: val, not test)."""
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return None
+  values = [row['val/dice'] for row in map(json.loads, path.read_text().splitlines())
+            if 'val/dice' in row]
+  return values[-1] if values else None
 
 
 def _cpu_seconds() -> float:
@@ -336,7 +376,7 @@ def aggregate(bench: Benchmark, results: list[dict], seconds: float) -> dict:
   """results.json's content: header, settings, summaries, paired comparisons, probes, runs."""
   a = bench.args
   budgets = [b['name'] for b in sorted(a.budgets, key=lambda b: b['order'])]
-  tables = stats.group_results(results, a.arms, budgets, BASELINE,
+  tables = stats.group_results(results, a.arms, budgets, BASELINE, REFERENCE,
                                num_resamples=a.bootstrap_resamples)
   header = {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
@@ -405,7 +445,7 @@ def parse_args(argv=None):
   args.finetune_seeds = [int(s) for s in split(args.finetune_seeds)]
   args.probe_fractions = [float(f) for f in split(args.probe_fractions)]
   if not args.finetune_seeds or (not args.pretrain_seeds and any(
-      ARMS[arm][0] is not None for arm in args.arms + args.probe_arms)):
+      ARMS[arm].pretrain is not None for arm in args.arms + args.probe_arms)):
     parser.error('give at least one fine-tuning seed, and a pre-training seed for '
                  'pre-trained arms')
   if any(not 0 < f <= 1 for f in args.probe_fractions):
@@ -450,6 +490,8 @@ def main(argv=None):
     path = bench.result_path(job)
     if path.exists():
       result = json.loads(path.read_text())
+      if job['kind'] == 'finetune' and 'val_dice' not in result:  # Scored before it was kept.
+        result['val_dice'] = final_val_dice(bench.job_dir(job) / 'run')
       note = 'done before, skipped'
     else:
       result = bench.run(job, inner)

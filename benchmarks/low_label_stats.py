@@ -68,46 +68,46 @@ def run_mean(record: Mapping[str, Any], metric: str = 'dice') -> float:
 def paired_differences(arm_runs: Sequence[Mapping[str, Any]],
                        base_runs: Sequence[Mapping[str, Any]],
                        metric: str = 'dice') -> tuple[np.ndarray, dict[str, list]]:
-  """Per-volume differences arm - baseline, paired by fine-tuning seed and test case.
+  """Per-volume differences arm - baseline, paired by seeds and test case.
 
-  Each arm run is paired with the baseline run of its fine-tuning seed (the baseline, e.g.
-  scratch, has no pre-training seed). Only fine-tuning seeds both have, and only test cases
-  every run scored, are used, so every cell of the result is a true pair.
+  Each arm run is paired with the baseline run of its fine-tuning seed: of its pre-training
+  seed too when the baseline is pre-trained (`full` against its ablations), of any when it is
+  not (scratch). Only seeds both have, and only test cases every run scored, are used, so
+  every cell of the result is a true pair.
 
   Args:
     arm_runs: records of one arm and budget, any pre-training and fine-tuning seeds.
-    base_runs: baseline records of the same budget, one per fine-tuning seed.
+    base_runs: baseline records of the same budget, one per (pre-training, fine-tuning) seed.
     metric: 'dice' or 'hd95'.
 
   Returns:
-    (d, axes): d `[P, S, V]` with d[p, s, v] = arm(p, s, v) - base(s, v), and axes
-    {'pretrain_seeds', 'finetune_seeds', 'cases'} naming the rows of each axis.
+    (d, axes): d `[P, S, V]` with d[p, s, v] = arm(p, s, v) - base(p or None, s, v), and
+    axes {'pretrain_seeds', 'finetune_seeds', 'cases'} naming the rows of each axis.
 
   Raises:
     ValueError: a seed has two baseline runs or two arm runs, or nothing pairs.
   """
-  base = {}
-  for r in base_runs:
-    if r['finetune_seed'] in base:
-      raise ValueError(f'two baseline runs with fine-tuning seed {r["finetune_seed"]}')
-    base[r['finetune_seed']] = r['cases']
-  arm = {}
-  for r in arm_runs:
-    key = (r.get('pretrain_seed'), r['finetune_seed'])
-    if key in arm:
-      raise ValueError(f'two runs with (pretrain seed, fine-tuning seed) {key}')
-    arm[key] = r['cases']
-  fseeds = sorted({s for _, s in arm} & set(base), key=str)
-  pseeds = sorted({p for p, s in arm if s in base}, key=str)
-  # Keep only the seeds with a run for every pre-training seed, so the array is full.
-  fseeds = [s for s in fseeds if all((p, s) in arm for p in pseeds)]
-  if not fseeds:
-    raise ValueError('no fine-tuning seed is shared by the arm and the baseline')
-  tables = [base[s] for s in fseeds] + [arm[(p, s)] for p in pseeds for s in fseeds]
+  def by_seeds(runs, what):
+    table = {}
+    for r in runs:
+      key = (r.get('pretrain_seed'), r['finetune_seed'])
+      if key in table:
+        raise ValueError(f'two {what} runs with (pretrain seed, fine-tuning seed) {key}')
+      table[key] = r['cases']
+    return table
+  base, arm = by_seeds(base_runs, 'baseline'), by_seeds(arm_runs, 'arm')
+  pair = lambda p, s: base.get((p, s), base.get((None, s)))
+  pseeds = sorted({p for p, s in arm if pair(p, s) is not None}, key=str)
+  # Keep only the fine-tuning seeds paired for every pre-training seed, so the array is full.
+  fseeds = sorted({s for p, s in arm if all(
+      (q, s) in arm and pair(q, s) is not None for q in pseeds)}, key=str)
+  if not fseeds or not pseeds:
+    raise ValueError('no seed is shared by the arm and the baseline')
+  tables = [t for p in pseeds for s in fseeds for t in (arm[(p, s)], pair(p, s))]
   cases = sorted(set.intersection(*(set(t) for t in tables)))
   if not cases:
     raise ValueError('no test case is scored by every run')
-  d = np.array([[[arm[(p, s)][c][metric] - base[s][c][metric] for c in cases]
+  d = np.array([[[arm[(p, s)][c][metric] - pair(p, s)[c][metric] for c in cases]
                  for s in fseeds] for p in pseeds], np.float64)
   return d, {'pretrain_seeds': pseeds, 'finetune_seeds': fseeds, 'cases': cases}
 
@@ -162,8 +162,11 @@ def summarize_group(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """Mean, std and seed range of the test Dice (and HD95), and per-organ means, of a group.
 
   The range is over runs (every pre-training and fine-tuning seed): the spread the plot shows.
+  `val_dice_mean` is the mean of the runs' final validation Dice (None where not logged): the
+  score a choice between arms may use, since choosing on the test Dice would tune on it.
   """
   dice = [run_mean(r, 'dice') for r in runs]
+  val = [r['val_dice'] for r in runs if r.get('val_dice') is not None]
   hd = [run_mean(r, 'hd95') for r in runs]
   organs: dict[str, dict[str, list[float]]] = {}
   for r in runs:
@@ -174,37 +177,44 @@ def summarize_group(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return {'runs': len(runs), 'dice_mean': float(np.mean(dice)), 'dice_std': float(np.std(dice)),
           'dice_min': float(np.min(dice)), 'dice_max': float(np.max(dice)),
           'hd95_mean': float(np.mean(hd)), 'hd95_std': float(np.std(hd)),
+          'val_dice_mean': float(np.mean(val)) if len(val) == len(runs) else None,
           'organs': {name: {k: float(np.mean(v)) for k, v in acc.items()}
                      for name, acc in organs.items()}}
 
 
 def group_results(results: Sequence[Mapping[str, Any]], arms: Sequence[str],
-                  budgets: Sequence[str], baseline: str,
+                  budgets: Sequence[str], baseline: str, reference: str | None = None,
                   num_resamples: int = 10_000) -> dict[str, list[dict]]:
   """The tables of a benchmark from its run records.
 
   Args:
     results: fine-tuning and probe records (`kind` 'finetune' or 'probe').
     arms, budgets: the order of the rows.
-    baseline: the arm every other arm is paired with.
+    baseline: the arm every other arm is paired with (scratch).
+    reference: a second arm every other pre-trained arm is paired with (the full method,
+      against its ablations), or None.
     num_resamples: bootstrap resamples.
 
   Returns:
     {'summary': a `summarize_group` row per arm and budget, 'paired': a
-    `compare_to_baseline` row per other arm, budget and metric ('dice', 'hd95'), 'probe': a
-    `summarize_group` row per probed arm and pre-training step}.
+    `compare_to_baseline` row per other arm, baseline, budget and metric ('dice', 'hd95'),
+    'probe': a `summarize_group` row per probed arm and pre-training step}.
   """
   finetuned = [r for r in results if r['kind'] == 'finetune']
   summary, paired = [], []
-  for arm in arms:
-    for budget in budgets:
-      runs = [r for r in finetuned if r['arm'] == arm and r['budget'] == budget]
-      if runs:
-        summary.append({'arm': arm, 'budget': budget, **summarize_group(runs)})
-      base = [r for r in finetuned if r['arm'] == baseline and r['budget'] == budget]
-      if arm != baseline and runs and base:
+  for base_arm in [baseline] + ([reference] if reference else []):
+    for arm in arms:
+      for budget in budgets:
+        runs = [r for r in finetuned if r['arm'] == arm and r['budget'] == budget]
+        if base_arm == baseline and runs:
+          summary.append({'arm': arm, 'budget': budget, **summarize_group(runs)})
+        base = [r for r in finetuned if r['arm'] == base_arm and r['budget'] == budget]
+        if arm in (baseline, base_arm) or not runs or not base:
+          continue
+        if base_arm == reference and all(r.get('pretrain_seed') is None for r in runs):
+          continue  # Not pre-trained (scratch_long): only the baseline comparison applies.
         for metric in ('dice', 'hd95'):
-          paired.append({'arm': arm, 'budget': budget, 'metric': metric, 'baseline': baseline,
+          paired.append({'arm': arm, 'budget': budget, 'metric': metric, 'baseline': base_arm,
                          **compare_to_baseline(runs, base, metric, num_resamples)})
   probes = []
   probe_runs = [r for r in results if r['kind'] == 'probe']
@@ -223,22 +233,24 @@ def _pct(x: float) -> str:
 
 def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table: mean test Dice (seed range) and HD95 per arm and budget."""
-  lines = ['| arm | budget | runs | test Dice % mean ± std | seed range | HD95 mm mean ± std |',
-           '| --- | --- | --- | --- | --- | --- |']
+  lines = ['| arm | budget | runs | test Dice % mean ± std | seed range | HD95 mm mean ± std '
+           '| val Dice % |', '| --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
+    val = r.get('val_dice_mean')
     lines.append(f"| {r['arm']} | {r['budget']} | {r['runs']} | {_pct(r['dice_mean'])} ± "
                  f"{_pct(r['dice_std'])} | {_pct(r['dice_min'])} - {_pct(r['dice_max'])} | "
-                 f"{r['hd95_mean']:.1f} ± {r['hd95_std']:.1f} |")
+                 f"{r['hd95_mean']:.1f} ± {r['hd95_std']:.1f} | "
+                 f"{'-' if val is None else _pct(val)} |")
   return '\n'.join(lines)
 
 
 def markdown_paired(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table: paired Dice difference against the baseline with its bootstrap interval."""
-  lines = ['| arm | budget | Δ Dice vs scratch (points) | 95% bootstrap CI | P(Δ ≤ 0) | '
+  lines = ['| arm | against | budget | Δ Dice (points) | 95% bootstrap CI | P(Δ ≤ 0) | '
            'pairs better | pairs (pre-train seeds x fine-tune seeds x volumes) |',
-           '| --- | --- | --- | --- | --- | --- | --- |']
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
-    lines.append(f"| {r['arm']} | {r['budget']} | {100 * r['mean']:+.2f} | "
+    lines.append(f"| {r['arm']} | {r['baseline']} | {r['budget']} | {100 * r['mean']:+.2f} | "
                  f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {r['p_le_0']:.3f} | "
                  f"{100 * r['wins']:.0f}% | {r['n_pairs']} ({r['n_pretrain_seeds']} x "
                  f"{r['n_finetune_seeds']} x {r['n_cases']}) |")
@@ -383,8 +395,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       + f"; {h['seconds_this_invocation']:.0f} s this invocation.", '',
       '## Test Dice per arm and label budget', '',
       markdown_summary(report['summary']), '',
-      '## Paired against scratch (same fine-tuning seed, same labelled volumes, same test '
-      'volumes)', '',
+      '## Paired differences (same fine-tuning seed, same labelled volumes, same test '
+      'volumes; against a pre-trained arm also the same pre-training seed)', '',
       f"Mean per-volume difference, 95% percentile bootstrap interval ({h['bootstrap_resamples']}"
       ' resamples of volumes, fine-tuning seeds and pre-training seeds).', '',
       markdown_paired([r for r in report['paired'] if r['metric'] == 'dice']), '',

@@ -66,6 +66,9 @@ def _optim_config() -> ml_collections.ConfigDict:
   optim.warmup_steps = 20
   optim.weight_decay = 1e-4
   optim.grad_clip = 1.0
+  # The backbone's rate is learning_rate times this; the head's is learning_rate. Below 1 a
+  # fine-tuning moves pre-trained weights less (docs/evaluation.md, fine-tuning recipe).
+  optim.backbone_lr_scale = 1.0
   return optim
 
 

@@ -100,6 +100,7 @@ OUT_OF_RANGE = [
     ('pretrain', 'method.tau_absolute', -1.0, 'must be > 0'),
     ('pretrain', 'method.threshold_keep_start', 0.0, 'must be in (0, 1]'),
     ('pretrain', 'optim.ema_final_init_share', 1.0, 'must be in [0, 1)'),
+    ('finetune', 'optim.backbone_lr_scale', -0.5, 'must be >= 0'),
     ('pretrain', 'method.weighting', 'softmax', 'choose one of'),
     ('pretrain', 'method.match', 'nearest', 'choose one of'),
     ('pretrain', 'method.match_distance', 0.0, 'must be > 0'),

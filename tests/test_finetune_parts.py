@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pixssl_jax import config_files
 from pixssl_jax.evaluation import inference
 from pixssl_jax.losses import segmentation as seg_losses
 from pixssl_jax.models import pixssl
 from pixssl_jax.models import segmentation
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import finetune_setup
+from pixssl_jax.train import finetune_step
 from pixssl_jax.train import pretrained
 from tests.helpers import load_config
 
@@ -49,6 +51,29 @@ def _pretrain_params(features=(8, 16, 32)):
   config.model.features = features
   model = pixssl.build_model(config.model, 2)
   return jax.device_get(pixssl.init_params(model, jax.random.PRNGKey(1), (1, 32, 32, 1)))
+
+
+def _first_update(scale: float, grads, params):
+  config = config_files.load('finetune', 'tiny')
+  config.optim.backbone_lr_scale = scale
+  config.optim.warmup_steps = 0
+  config.optim.weight_decay = 0.0
+  tx = finetune_step.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def test_backbone_lr_scale_scales_only_the_backbone_updates():
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  full, tenth, frozen = (_first_update(s, grads, params) for s in (1.0, 0.1, 0.0))
+  for name in ('backbone', 'seg_head'):
+    ratio = jax.tree.map(lambda a, b: np.asarray(a) / np.asarray(b), tenth[name], full[name])
+    expected = 0.1 if name == 'backbone' else 1.0
+    for leaf in jax.tree.leaves(ratio):
+      np.testing.assert_allclose(leaf, expected, rtol=1e-5)
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(frozen['backbone']))
+  np.testing.assert_array_equal(frozen['seg_head']['kernel'], full['seg_head']['kernel'])
 
 
 def test_merge_loads_the_backbone_and_leaves_the_head():

@@ -126,22 +126,50 @@ def test_pretrain_seeds_are_an_axis_and_each_pairs_with_the_same_scratch_run():
   assert row['n_pairs'] == 16 and row['wins'] == 1.0
 
 
+def test_a_pretrained_baseline_pairs_by_pretraining_seed_too():
+  rng = np.random.default_rng(3)
+  scratch = _runs(rng, seeds=(0, 1))
+  full = [_record('full', r['finetune_seed'], {c: v['dice'] + 0.1 * (1 + p)
+                                               for c, v in r['cases'].items()}, pseed=p)
+          for p in (0, 1) for r in scratch]
+  ablation = [_record('pixel_only', r['finetune_seed'],
+                      {c: v['dice'] - 0.05 for c, v in r['cases'].items()},
+                      pseed=r['pretrain_seed']) for r in full]
+  d, axes = stats.paired_differences(ablation, full)
+  assert axes['pretrain_seeds'] == [0, 1] and d.shape == (2, 2, 4)
+  np.testing.assert_allclose(d, -0.05)  # Each with the full run of its own seeds.
+
+
 def test_group_results_and_markdown():
   rng = np.random.default_rng(4)
   base = _runs(rng)
   arm = [_record('full', r['finetune_seed'],
                  {c: v['dice'] + 0.05 for c, v in r['cases'].items()}, pseed=0) for r in base]
+  ablation = [_record('global_only', r['finetune_seed'],
+                      {c: v['dice'] - 0.02 for c, v in r['cases'].items()}, pseed=0) for r in arm]
+  longer = [_record('scratch_long', r['finetune_seed'], {c: v['dice'] for c, v in r['cases'].items()})
+            for r in base]
   probe = [{**_record('full', 0, {'a': 0.3}, pseed=0), 'kind': 'probe', 'step': 2},
            {**_record('scratch', 0, {'a': 0.2}), 'kind': 'probe', 'step': 0}]
-  tables = stats.group_results(base + arm + probe, ['scratch', 'full'], ['1'], 'scratch',
-                               num_resamples=500)
-  assert [(r['arm'], r['runs']) for r in tables['summary']] == [('scratch', 3), ('full', 3)]
-  dice_row = next(r for r in tables['paired'] if r['metric'] == 'dice')
-  assert dice_row['mean'] == pytest.approx(0.05) and dice_row['low'] == pytest.approx(0.05)
-  full = tables['summary'][1]
+  tables = stats.group_results(base + arm + ablation + longer + probe,
+                               ['scratch', 'scratch_long', 'full', 'global_only'], ['1'],
+                               'scratch', 'full', num_resamples=500)
+  assert [(r['arm'], r['runs']) for r in tables['summary']] == [
+      ('scratch', 3), ('scratch_long', 3), ('full', 3), ('global_only', 3)]
+  dice = {(r['arm'], r['baseline']): r for r in tables['paired'] if r['metric'] == 'dice'}
+  # Scratch_long is not pre-trained: it is paired with scratch only.
+  assert sorted(dice) == [('full', 'scratch'), ('global_only', 'full'),
+                          ('global_only', 'scratch'), ('scratch_long', 'scratch')]
+  assert dice[('full', 'scratch')]['mean'] == pytest.approx(0.05)
+  assert dice[('full', 'scratch')]['low'] == pytest.approx(0.05)
+  assert dice[('global_only', 'full')]['mean'] == pytest.approx(-0.02)
+  assert dice[('global_only', 'scratch')]['mean'] == pytest.approx(0.03)
+  full = tables['summary'][2]
   assert full['dice_min'] <= full['dice_mean'] <= full['dice_max']
   assert {r['arm'] for r in tables['probe']} == {'full', 'random init'}
-  assert '| full | 1 | +5.00 | [+5.00, +5.00]' in stats.markdown_paired(tables['paired'])
+  table = stats.markdown_paired(tables['paired'])
+  assert '| full | scratch | 1 | +5.00 | [+5.00, +5.00]' in table
+  assert '| global_only | full | 1 | -2.00 | [-2.00, -2.00]' in table
   assert 'liver' in stats.markdown_organs(tables['summary'])
 
 

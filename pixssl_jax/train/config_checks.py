@@ -126,6 +126,7 @@ FIELD_RANGES = {
     'optim.grad_clip': _NON_NEGATIVE,
     'optim.ema_momentum': _FRACTION,
     'optim.ema_final_init_share': _FRACTION,  # 0: m0 = ema_momentum whatever the run length.
+    'optim.backbone_lr_scale': _NON_NEGATIVE,  # 0: the backbone is not updated.
     'loss.dice_weight': _NON_NEGATIVE,
     'loss.ce_weight': _NON_NEGATIVE,
     'eval.overlap': _FRACTION,

@@ -26,12 +26,33 @@ class SegState:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The pre-training optimizer family; with `linear_probe` only the head is updated."""
+  """The pre-training optimizer family for the head and the backbone.
+
+  With `linear_probe` only the head is updated; otherwise the backbone trains at
+  `optim.backbone_lr_scale` times the head's rate (the same optimizer and schedule, its own
+  moments). Scale 1 (or a config without the field) is one optimizer over all parameters, the
+  optimizer state of fine-tuning runs written before the field existed.
+  """
   tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  if not config.linear_probe:
+  if config.linear_probe:
+    labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
+    return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  scale = float(config.optim.get('backbone_lr_scale', 1.0))
+  if scale == 1.0:
     return tx
-  labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
-  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  # One global-norm clip over all gradients, as at scale 1; then a rate per group.
+  unclipped = config.optim.copy_and_resolve_references()
+  unclipped.grad_clip = 0.0
+  backbone = unclipped.copy_and_resolve_references()
+  backbone.learning_rate = unclipped.learning_rate * scale
+  groups = {'head': state_lib.make_optimizer(unclipped, config.num_steps),
+            'backbone': (state_lib.make_optimizer(backbone, config.num_steps) if scale > 0
+                         else optax.set_to_zero())}
+  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
+  grouped = optax.multi_transform(groups, labels)
+  if config.optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), grouped)
+  return grouped
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> SegState:

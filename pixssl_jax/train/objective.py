@@ -250,10 +250,6 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
         discrepancy, valid, uncertainty, step=step, num_steps=num_steps, method_cfg=method_cfg,
         num_channels=model.pixel_proj_dim)
 
-    # Anti-collapse terms on the student's pixel projections (all pixels of both views).
-    if spread_weights != (0.0, 0.0):
-      loss_variance, loss_covariance = variance_covariance(student['pixel_proj'])
-
     u_const = jax.lax.stop_gradient(uncertainty)
     n_valid = jnp.sum(valid)
     overlap = jnp.mean(valid.astype(jnp.float32))
@@ -265,13 +261,17 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
         uncertainty_spearman=spearman(u_const, jax.lax.stop_gradient(discrepancy), valid),
         pixel_effective_rank=effective_rank(student['pixel_proj']))
 
+  # Anti-collapse terms on the student's pixel projections (all pixels of both views), in
+  # every variant alike: an ablation of the pixel term (`global_only`) changes that one term.
+  if spread_weights != (0.0, 0.0):
+    loss_variance, loss_covariance = variance_covariance(student['pixel_proj'])
+
   # 6. Total; a disabled term is absent (not multiplied by zero).
-  loss = zero
+  loss = spread_weights[0] * loss_variance + spread_weights[1] * loss_covariance
   if use_global:
     loss = loss + float(method_cfg.lambda_global) * loss_global
   if use_pixel:
     loss = loss + float(method_cfg.lambda_pixel) * loss_pixel
-    loss = loss + spread_weights[0] * loss_variance + spread_weights[1] * loss_covariance
   metrics = {
       'loss': loss,
       'loss_global': loss_global,
