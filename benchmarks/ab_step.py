@@ -5,19 +5,22 @@ r"""A/B of one code change on the train step, both forms compiled in one process
 
 Why: on this shared VM the same step's median moves by 5-15% between processes a few minutes
 apart (docs/performance.md), as much as the changes being judged. Here the current code and a
-variant (the current code with one function patched back to an earlier form) are compiled
+variant (one function patched back to an earlier form, or one config field changed) are compiled
 side by side and stepped alternately, A B, B A, ..., so slow spells hit both alike; the ratio
 of their medians is the change's effect.
 
 Variants:
+  * flax_layers: the step with `model.layers='flax'` (Flax's own layers) instead of the
+    preset's (`auto`: the CPU forms on CPU); a config change, no code is patched.
   * threefry_bits: the dropout masks' bits from `jax.random.bits` (threefry) instead of
     `models/dropout_bits.hashed_bits`, the form the hashed bits replaced.
   * ynn_convolutions: XLA:CPU hands the convolutions to YNNPACK too, not only the reductions
     (`pixssl_jax/xla_options.py`).
   * serial_scheduler: `xla_cpu_enable_concurrency_optimized_scheduler` off (XLA:CPU's
     scheduler then does not try to run independent ops side by side).
-  * Other forms of the stride-1 folded 3-D convolution (`conv_ops.conv_folding_first_axis`,
-    tried and dropped, docs/performance.md "Tried and not kept"): depth_taps_shared (one 2-D
+  * Other forms of the CPU layer set's stride-1 folded 3-D convolution
+    (`cpu_layers/conv_ops.conv_folding_first_axis`, tried and dropped, docs/performance.md
+    "Tried and not kept"): depth_taps_shared (one 2-D
     convolution per depth tap over the whole depth-padded input, the outputs shifted and
     summed: no slab), depth_taps_sliced (the same on depth-shifted slices of the padded
     input, `layer_forms.conv_by_depth_taps`, the per-tap form first tried), taps_on_outputs
@@ -43,8 +46,8 @@ from jax import lax
 from benchmarks import layer_forms
 from benchmarks import train_step as bench
 from pixssl_jax import xla_options
-from pixssl_jax.models import conv_ops
 from pixssl_jax.models import dropout_bits
+from pixssl_jax.models.cpu_layers import conv_ops
 
 
 @contextlib.contextmanager
@@ -159,7 +162,11 @@ def _no_kernel_grad(x, kernel, stride):
   return _SPATIAL(x, lax.stop_gradient(kernel), stride)
 
 
+# Variants that set config fields, not code.
+CONFIG_VARIANTS = {'flax_layers': {'model.layers': 'flax'}}
+
 VARIANTS = {
+    'flax_layers': contextlib.nullcontext,
     'threefry_bits': _threefry_bits,
     'ynn_convolutions': functools.partial(
         _cpu_options, xla_cpu_experimental_ynn_fusion_type=(
@@ -177,12 +184,21 @@ VARIANTS = {
 }
 
 
+def variant_config(config, variant: str):
+  """A copy of `config` with `variant`'s `CONFIG_VARIANTS` fields set."""
+  config = config.copy_and_resolve_references()
+  for path, value in CONFIG_VARIANTS.get(variant, {}).items():
+    section, field = path.split('.')
+    config[section][field] = value
+  return config
+
+
 def compare(config, mesh, variant: str, rounds: int) -> dict[str, float]:
   """Median step seconds of the current code and of `variant`, and their ratio."""
   current = bench.JaxStep(config, mesh)
   current()  # The first call traces and caches the step: before the patch.
   with VARIANTS[variant]():
-    patched = bench.JaxStep(config, mesh)
+    patched = bench.JaxStep(variant_config(config, variant), mesh)
     patched()
 
   def check():

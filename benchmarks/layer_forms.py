@@ -8,7 +8,8 @@ checks that they compute the same values, and prints the median time of `--reps`
   * strided: the input gradient of a stride-2 3x3(x3) convolution, JAX's own (an
     input-dilated convolution) against `strided_conv.input_gradient` (by phases);
   * dense: forward+backward of the pixel projector (1x1 conv -> GroupNorm -> ReLU -> 1x1
-    conv, 3d64's `[4, 16^3, 64]` -> 1024 -> 64) with `nn.Dense` against `dense.Dense`;
+    conv, 3d64's `[4, 16^3, 64]` -> 1024 -> 64) built from the Flax layer set, with `nn.Dense`
+    and the CPU set's GroupNorm, and from the CPU layer set (`dense.Dense`);
   * depth_taps: a 3-D convolution folded to 2-D (`conv_folding_first_axis`, the depth taps
     concatenated on the channels) against three 2-D convolutions summed (one per depth tap),
     forward and forward+backward; the second wins here but lost 37% in the whole 3d64 step
@@ -33,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixssl_jax import xla_options
-from pixssl_jax.models import conv_ops
-from pixssl_jax.models import dense
-from pixssl_jax.models import group_norm
-from pixssl_jax.models import strided_conv
+from pixssl_jax.models import heads
+from pixssl_jax.models import layers
+from pixssl_jax.models.cpu_layers import conv_ops
+from pixssl_jax.models.cpu_layers import group_norm
+from pixssl_jax.models.cpu_layers import strided_conv
 
 
 def median_ms(fn, *args, reps: int, options=None) -> tuple[float, object]:
@@ -89,28 +91,22 @@ class _FlaxProjector(nn.Module):
     return nn.Dense(64, name='conv1')(x)
 
 
-class _Projector(nn.Module):
-  """The pixel projector as heads.PixelProjector computes it."""
-
-  @nn.compact
-  def __call__(self, x):
-    x, bias = dense.Dense(1024, defer_bias=True, name='conv0')(x)
-    x = nn.relu(group_norm.GroupNorm(8, name='norm')(x, bias))
-    return dense.Dense(64, name='conv1')(x)
-
-
 def compare_dense(reps: int) -> None:
   x = normal(np.random.default_rng(0), (4, 16, 16, 16, 64))
   params = _FlaxProjector().init(jax.random.PRNGKey(0), x)
   params = jax.tree.map(lambda p: p + 0.01, params)  # Nonzero biases.
   results = {}
-  for name, module in (('nn.Dense', _FlaxProjector()), ('dense.Dense', _Projector())):
+  for name, module in (('flax set', heads.PixelProjector(1024, 64, 8, layers=layers.FLAX)),
+                       ('nn.Dense', _FlaxProjector()),
+                       ('cpu set (dense.Dense)',
+                        heads.PixelProjector(1024, 64, 8, layers=layers.CPU))):
     loss = lambda p, x, m=module: jnp.sum(jnp.sin(m.apply(p, x)))
     results[name] = median_ms(jax.grad(loss, argnums=(0, 1)), params, x, reps=reps)
-  difference = max_relative_difference(results['nn.Dense'][1], results['dense.Dense'][1])
-  print(f'pixel projector [4, 16^3, 64] -> 1024 -> 64, forward+backward: nn.Dense '
-        f'{results["nn.Dense"][0]:.1f} ms, dense.Dense {results["dense.Dense"][0]:.1f} ms '
-        f'(max rel. difference {difference:.1e})', flush=True)
+  difference = max(max_relative_difference(results['flax set'][1], grads)
+                   for _, grads in results.values())
+  print('pixel projector [4, 16^3, 64] -> 1024 -> 64, forward+backward: '
+        + ', '.join(f'{name} {ms:.1f} ms' for name, (ms, _) in results.items())
+        + f' (max rel. difference {difference:.1e})', flush=True)
 
 
 def conv_by_depth_taps(x, kernel):

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from benchmarks import ab_step
+from pixssl_jax import config_files
 from pixssl_jax import xla_options
-from pixssl_jax.models import conv_ops
 from pixssl_jax.models import dropout_bits
+from pixssl_jax.models import layers
+from pixssl_jax.models import pixssl
+from pixssl_jax.models.cpu_layers import conv_ops
 from pixssl_jax.models.heads import dropout_scale
 
 
@@ -21,6 +24,14 @@ def test_threefry_variant_swaps_the_dropout_bits_and_restores_them():
                                   np.asarray(jax.random.bits(key, (3,))))
   assert not np.array_equal(current, patched)
   np.testing.assert_array_equal(np.asarray(dropout_scale(shape, 0.5, key)), current)
+
+
+def test_flax_layers_variant_sets_the_layer_set_field():
+  config = config_files.load('pretrain', 'tiny')
+  changed = ab_step.variant_config(config, 'flax_layers')
+  assert config.model.layers == 'auto' and changed.model.layers == 'flax'
+  assert pixssl.build_model(changed.model, 2).layers is layers.FLAX
+  assert ab_step.variant_config(config, 'threefry_bits').model.layers == 'auto'
 
 
 def test_option_variants_compile_with_their_options_and_restore_them():

@@ -1,4 +1,4 @@
-"""The U-Net's fast convolution and GroupNorm forms equal Flax's, with the same parameters."""
+"""The CPU layer set's forms (models/cpu_layers/) equal Flax's, with the same parameters."""
 
 import flax.linen as nn
 import jax
@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixssl_jax.models import conv_ops
-from pixssl_jax.models import dense
-from pixssl_jax.models import group_norm
-from pixssl_jax.models import strided_conv
+from pixssl_jax.models import layers
 from pixssl_jax.models import unet
+from pixssl_jax.models.cpu_layers import conv_ops
+from pixssl_jax.models.cpu_layers import dense
+from pixssl_jax.models.cpu_layers import group_norm
+from pixssl_jax.models.cpu_layers import strided_conv
 
 
 def _values_and_grads(module, params, x):
@@ -73,7 +74,7 @@ def test_dense_matches_flax_dense(shape):
   params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                _values_and_grads(ref, params, x), _values_and_grads(new, params, x))
-  y, bias = dense.Dense(7, defer_bias=True).apply(params, x)
+  y, bias = dense.Dense(7).apply(params, x, defer_bias=True)
   np.testing.assert_allclose(y + bias, ref.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
@@ -96,7 +97,7 @@ def test_strided_conv_backward_has_no_input_dilated_convolution():
   # The point of the phase form: XLA:CPU runs an input-dilated (lhs_dilate) convolution as a
   # slow loop; the block's compiled backward must not contain one.
   x = jnp.zeros((1, 8, 8, 8, 4))
-  block = unet.ConvBlock(8, 3, 2, strides=2)
+  block = unet.ConvBlock(8, 3, 2, strides=2, layers=layers.CPU)
   params = block.init(jax.random.PRNGKey(0), x)
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)), argnums=(0, 1)))
   hlo = grad.lower(params, x).compile().as_text()
@@ -109,7 +110,7 @@ def test_conv_transpose_matches_flax(shape):
   n = len(shape) - 2
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   ref = nn.ConvTranspose(5, (2,) * n, strides=(2,) * n, padding='SAME')
-  new = conv_ops.ConvTranspose2x(5)
+  new = conv_ops.ConvTranspose2x(5, (2,) * n, (2,) * n)
   params = ref.init(jax.random.PRNGKey(1), x)
   jax.tree.map(np.testing.assert_array_equal, params, new.init(jax.random.PRNGKey(1), x))
   params = jax.tree.map(lambda p: p + 0.1, params)
@@ -171,15 +172,24 @@ class _FlaxConvBlock(nn.Module):
     return x
 
 
+@pytest.mark.parametrize('layer_set', [layers.FLAX, layers.CPU], ids=['flax', 'cpu'])
 @pytest.mark.parametrize('shape,stride', [((2, 8, 6, 3), 1), ((2, 8, 6, 3), 2),
                                           ((2, 4, 6, 4, 3), 2)])
-def test_conv_block_matches_flax_layers(shape, stride):
+def test_conv_block_matches_flax_layers(shape, stride, layer_set):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   ref = _FlaxConvBlock(8, stride)
-  new = unet.ConvBlock(8, len(shape) - 2, num_groups=4, strides=stride)
+  new = unet.ConvBlock(8, len(shape) - 2, num_groups=4, strides=stride, layers=layer_set)
   params = ref.init(jax.random.PRNGKey(1), x)
   jax.tree.map(np.testing.assert_array_equal, params, new.init(jax.random.PRNGKey(1), x))
   params = jax.tree.map(lambda p: p + 0.1, params)  # Nonzero conv biases, reaching the norm.
   expected, new_out = _values_and_grads(ref, params, x), _values_and_grads(new, params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                expected, new_out)
+
+
+def test_cpu_forms_reject_what_they_do_not_implement():
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="padding='SAME'"):
+    conv_ops.Conv(3, (3, 3), padding='VALID').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='kernel_size must be'):
+    conv_ops.ConvTranspose2x(3, (3, 3), (2, 2)).init(jax.random.PRNGKey(0), x)

@@ -6,6 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from pixssl_jax import config_files
+from pixssl_jax.models import layers
+from pixssl_jax.models import segmentation
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.models.unet import UNet
 
@@ -210,3 +213,74 @@ def test_batch_pixel_norm_keeps_the_param_tree_and_centres_each_channel():
               @ params['params']['conv1']['kernel'] + params['params']['conv1']['bias'])
   # Rounding residue of (y - mean) is divided by sqrt(var + 1e-5), var ~ 0: about 1e-4.
   np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-3)
+
+
+def _build(kind, ndim, layer_name):
+  """The pre-training or segmentation model of the `tiny` presets with `model.layers` set."""
+  config = config_files.load('pretrain' if kind == 'pretrain' else 'finetune', 'tiny')
+  config.model.layers = layer_name
+  if kind == 'pretrain':
+    return build_model(config.model, ndim)
+  config.model.head_level = 0
+  return segmentation.build_segmentation_model(config.model, ndim, num_classes=3)
+
+
+@pytest.mark.parametrize('kind', ['pretrain', 'segmentation'])
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_flax_and_cpu_layer_sets_have_one_param_tree_and_compute_the_same(kind, ndim):
+  models = {name: _build(kind, ndim, name) for name in ('flax', 'cpu')}
+  assert models['flax'].layers is layers.FLAX and models['cpu'].layers is layers.CPU
+  shape = (2,) + (16,) * ndim + (1,)
+  if kind == 'pretrain':
+    init = lambda m, k: init_params(m, k, (1,) + shape[1:])
+  else:
+    init = lambda m, k: segmentation.init_segmentation_params(m, k, (1,) + shape[1:])
+  trees = {name: jax.eval_shape(lambda k, m=m: init(m, k), INIT_KEY)
+           for name, m in models.items()}
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), trees['flax'])
+          == jax.tree.map(lambda a: (a.shape, a.dtype), trees['cpu']))
+  assert set(trees['flax']['backbone']['enc0']) == {'conv0', 'conv1', 'norm0', 'norm1'}
+  params = jax.jit(lambda k: init(models['flax'], k))(INIT_KEY)
+  params = jax.tree.map(lambda p: p + 0.05, params)  # Nonzero biases, reaching the norms.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  dropout = jax.random.key(3)
+
+  def run(model, params, x):
+    if kind == 'segmentation':
+      return {'logits': model.apply({'params': params}, x)}
+    out = model.apply({'params': params}, x, method=PixSSLModel.init_all)
+    # An MC-dropout sample: the masks are drawn the same way whatever the layer set.
+    out['sampled'] = model.apply({'params': params}, out['pixel_proj'], False,
+                                 method=PixSSLModel.stabilize, rngs={'dropout': dropout})
+    return out
+
+  outs = {name: jax.jit(run, static_argnums=0)(m, params, x) for name, m in models.items()}
+  assert outs['flax'].keys() == outs['cpu'].keys()
+  for key, expected in outs['flax'].items():
+    scale = float(jnp.max(jnp.abs(expected)))
+    assert scale > 0
+    np.testing.assert_allclose(outs['cpu'][key], expected, rtol=0, atol=1e-4 * scale,
+                               err_msg=key)
+
+
+def test_layer_set_names():
+  assert layers.layer_set('flax') is layers.FLAX and layers.layer_set('cpu') is layers.CPU
+  # 'auto': the CPU forms exactly when JAX runs on the CPU (as the tests do here).
+  expected = layers.CPU if jax.default_backend() == 'cpu' else layers.FLAX
+  assert layers.layer_set('auto') is expected
+  with pytest.raises(ValueError, match=r"model\.layers='gpu'.*'auto', 'flax', 'cpu'"):
+    layers.layer_set('gpu')
+  # A config written before the field existed builds with 'auto'.
+  config = config_files.load('pretrain', 'tiny')
+  del config.model['layers']
+  assert build_model(config.model, 2).layers is expected
+
+
+def test_module_defaults_are_the_config_defaults():
+  # The configs are the one source of defaults: a model built without a config must agree.
+  config = config_files.load('pretrain', 'demo').model
+  model = PixSSLModel(ndim=2)
+  for field in ('features', 'num_groups', 'proj_hidden', 'proj_dim', 'pixel_level',
+                'pixel_hypercolumn', 'pixel_proj_dim', 'stabilizer_hidden',
+                'stabilizer_dropout', 'head_norm', 'pixel_norm'):
+    assert getattr(model, field) == config[field], field

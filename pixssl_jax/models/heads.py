@@ -16,9 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pixssl_jax.models import dense
 from pixssl_jax.models import dropout_bits
-from pixssl_jax.models.unet import group_norm_f32
+from pixssl_jax.models.layers import FLAX, LayerSet
 
 
 def _layer_norm_f32(x: jnp.ndarray, name: str) -> jnp.ndarray:
@@ -99,23 +98,25 @@ class PixelProjector(nn.Module):
       PixPro's BatchNorm). Per-sample GroupNorm lets every pixel of a view map to the same
       vector, which satisfies the pixel loss trivially (measured in docs/BENCHMARKS.md: mean
       pairwise cosine 0.998, effective rank 1); batch statistics make that constant zero.
+    layers: the layer set (`layers.py`).
   """
   hidden: int
   out: int
   num_groups: int
   dtype: Any = jnp.float32
   norm: str = 'group'
+  layers: LayerSet = FLAX
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Maps `[B, *G, Cin]` to `[B, *G, out]` float32."""
-    # dense.Dense: nn.Dense's parameters, a kernel gradient XLA:CPU runs without a copy.
-    x, bias = dense.Dense(self.hidden, self.dtype, defer_bias=True, name='conv0')(x)
+    conv0 = self.layers.dense(self.hidden, dtype=self.dtype, name='conv0')
     if self.norm == 'batch':
-      x = nn.relu(BatchStatsNorm(name='norm')(x + bias.astype(x.dtype)))
-    else:  # The norm adds the bias (one pass fewer), as in unet.ConvBlock.
-      x = nn.relu(group_norm_f32(x, self.num_groups, name='norm', pre_bias=bias))
-    x = dense.Dense(self.out, self.dtype, name='conv1')(x)
+      x = BatchStatsNorm(name='norm')(conv0(x))
+    else:  # Per sample, computed in float32.
+      norm = self.layers.group_norm(num_groups=self.num_groups, name='norm')
+      x = self.layers.conv_norm(conv0, norm, x).astype(self.dtype)
+    x = self.layers.dense(self.out, dtype=self.dtype, name='conv1')(nn.relu(x))
     return x.astype(jnp.float32)
 
 
@@ -126,7 +127,8 @@ def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array) -> jnp.nd
   32-bit draw per element); one 32-bit word here gives four 8-bit keep tests, so the drop
   probability is `rate` rounded to a multiple of 1/256. The words come from
   `dropout_bits.hashed_bits` (a counter hash keyed by threefry, cheaper than threefry itself),
-  so the mask depends only on the key and the shape, not on how the array is sharded.
+  so the mask depends only on the key and the shape, not on how the array is sharded, nor on
+  the backend or the layer set (`model.layers`): the MC samples are the same draws for all.
 
   Args:
     shape: `[..., C]` shape of the activations.

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixssl_jax.models.heads import ContextStabilizer, MLPHead, PixelProjector
+from pixssl_jax.models.layers import FLAX, LayerSet, layer_set
 from pixssl_jax.models.unet import UNet
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -46,6 +47,10 @@ class PixSSLModel(nn.Module):
     stabilizer_dropout: dropout rate inside the stabilizer (0 disables MC dropout).
     head_norm: norm of the global MLP heads, 'batch' (BYOL) or 'layer'.
     pixel_norm: norm of the pixel projector, 'group' (per sample) or 'batch'.
+    layers: the layer set of the U-Net and the pixel projector (`layers.py`).
+
+  Runs build it from a config with `build_model`; the defaults here are configs/pretrain.py's
+  demo values (tests/test_models.py checks they agree).
   """
   ndim: int
   features: Sequence[int] = (16, 32, 64, 128)
@@ -54,12 +59,13 @@ class PixSSLModel(nn.Module):
   proj_hidden: int = 256
   proj_dim: int = 128
   pixel_level: int = 2
-  pixel_hypercolumn: bool = False
+  pixel_hypercolumn: bool = True
   pixel_proj_dim: int = 64
-  stabilizer_hidden: int = 128
+  stabilizer_hidden: int = 64
   stabilizer_dropout: float = 0.1
   head_norm: str = 'batch'
   pixel_norm: str = 'group'
+  layers: LayerSet = FLAX
 
   @property
   def downsampling_factor(self) -> int:
@@ -73,12 +79,13 @@ class PixSSLModel(nn.Module):
 
   def setup(self):
     _validate(self)
-    self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype)
+    self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype,
+                         layers=self.layers)
     self.projector = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm,
                              output_bias=self.head_norm != 'batch')
     self.predictor = MLPHead(self.proj_hidden, self.proj_dim, self.dtype, self.head_norm)
     self.pixel_projector = PixelProjector(self.proj_hidden, self.pixel_proj_dim, self.num_groups,
-                                          self.dtype, self.pixel_norm)
+                                          self.dtype, self.pixel_norm, layers=self.layers)
     self.stabilizer = ContextStabilizer(self.stabilizer_hidden, self.pixel_proj_dim,
                                         self.stabilizer_dropout, self.dtype)
 
@@ -193,7 +200,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
   Args:
     model_cfg: fields features, num_groups, dtype ('float32'|'bfloat16'), proj_hidden,
       proj_dim, pixel_level, pixel_hypercolumn, pixel_proj_dim, stabilizer_hidden,
-      stabilizer_dropout, head_norm, pixel_norm.
+      stabilizer_dropout, head_norm, pixel_norm, layers ('auto'|'flax'|'cpu').
     ndim: 2 or 3 (from `data.ndim`).
 
   Returns:
@@ -216,7 +223,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       stabilizer_dropout=float(model_cfg.stabilizer_dropout),
       head_norm=str(model_cfg.head_norm),
       # Configs written before the field existed used GroupNorm.
-      pixel_norm=str(model_cfg.get('pixel_norm', 'group')))
+      pixel_norm=str(model_cfg.get('pixel_norm', 'group')),
+      # Configs written before the field existed: 'auto'.
+      layers=layer_set(model_cfg.get('layers', 'auto')))
   _validate(model)
   return model
 

@@ -1,7 +1,7 @@
 """The downstream segmentation network: the pre-training U-Net plus a new 1x1 head.
 
 Parameter tree: `{'backbone': <UNet params>, 'seg_head': {'kernel', 'bias'}}`. The backbone is
-named as in `PixSSLModel`, so pre-trained weights load by path (`train/pretrained.py`).
+named as in `PixSSLModel`, so pre-trained weights load by path (`train/load_pretrained.py`).
 
 The head reads the decoder level `head_level` (0: full resolution, the fine-tuning default).
 A dense linear probe reads the level the pre-training loss compared, `pixel_level` (finer
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pixssl_jax.models.layers import FLAX, LayerSet, layer_set
 from pixssl_jax.models.pixssl import _DTYPES
 from pixssl_jax.models.unet import UNet
 
@@ -37,6 +38,7 @@ class SegmentationModel(nn.Module):
     dtype: compute dtype; logits are float32.
     head_level: decoder level the head reads (stride `2**head_level`).
     head_dropout: dropout rate before the head (0 disables MC-dropout uncertainty).
+    layers: the U-Net's layer set (`layers.py`).
   """
   ndim: int
   num_classes: int
@@ -45,9 +47,11 @@ class SegmentationModel(nn.Module):
   dtype: Any = jnp.float32
   head_level: int = 0
   head_dropout: float = 0.1
+  layers: LayerSet = FLAX
 
   def setup(self):
-    self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype)
+    self.backbone = UNet(self.ndim, tuple(self.features), self.num_groups, self.dtype,
+                         layers=self.layers)
     self.dropout = nn.Dropout(self.head_dropout)
     self.seg_head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
 
@@ -91,13 +95,15 @@ def build_segmentation_model(model_cfg: ml_collections.ConfigDict, ndim: int,
                      f'[0, {len(features) - 1}] for features={features}')
   if not 0.0 <= float(model_cfg.head_dropout) < 1.0:
     raise ValueError(f'model.head_dropout={model_cfg.head_dropout} must be in [0, 1)')
+  layers = layer_set(model_cfg.get('layers', 'auto'))  # Older configs lack the field: 'auto'.
   if num_classes < 2:
     raise ValueError(f'a segmentation needs at least 2 classes (background + one), got '
                      f'{num_classes}')
   return SegmentationModel(
       ndim=int(ndim), num_classes=int(num_classes), features=features,
       num_groups=int(model_cfg.num_groups), dtype=_DTYPES[model_cfg.dtype],
-      head_level=int(model_cfg.head_level), head_dropout=float(model_cfg.head_dropout))
+      head_level=int(model_cfg.head_level), head_dropout=float(model_cfg.head_dropout),
+      layers=layers)
 
 
 def init_segmentation_params(model: SegmentationModel, rng: jax.Array,

@@ -8,10 +8,8 @@ Design choices:
   (nnU-Net practice) rather than max-pooling: it is learnable, keeps every level a single
   "conv block", and its gradient has no arg-max scatter, which is cheap on TPU/GPU.
 - Up-sampling by a 2x2(x2) stride-2 transposed convolution followed by skip concatenation.
-- Convolutions come from `conv_ops`, which creates `nn.Conv`/`nn.ConvTranspose`'s parameters
-  but computes the transposed convolution as one matrix product and, on CPU, 3-D convolutions
-  as 2-D ones and strided ones' input gradients by phases (forms XLA:CPU runs much faster;
-  docs/performance.md).
+- The layers come from a layer set (`layers.py`, config field `model.layers`): Flax's own, or
+  forms with the same parameters that XLA:CPU runs faster.
 - `dtype` is the compute dtype (bfloat16 on TPU); parameters are always float32 and norms
   are computed in float32, because group statistics in bfloat16 lose too many bits.
 """
@@ -22,32 +20,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pixssl_jax.models import conv_ops
-from pixssl_jax.models import group_norm
+from pixssl_jax.models.layers import FLAX, LayerSet
 
 # nnU-Net's activation: a small negative slope keeps units alive early in training.
 _NEGATIVE_SLOPE = 0.01
-
-
-def group_norm_f32(x: jnp.ndarray, num_groups: int, name: str | None = None,
-                   pre_bias: jnp.ndarray | None = None) -> jnp.ndarray:
-  """GroupNorm of `x + pre_bias` computed in float32, returned in the input's dtype.
-
-  Must be called inside a compact method. Normalises over all spatial axes and the channels of
-  each group, per sample (Flax's default reduction axes), so it works for 2-D and 3-D.
-  `group_norm.GroupNorm` has `nn.GroupNorm`'s parameters in a form XLA:CPU runs faster.
-
-  Args:
-    x: `[B, *S, C]` activations, any float dtype; `C` divisible by `num_groups`.
-    num_groups: number of channel groups.
-    name: optional submodule name.
-    pre_bias: optional `[C]` bias of the preceding convolution, folded into the norm.
-
-  Returns:
-    `[B, *S, C]` normalised activations in `x.dtype`.
-  """
-  y = group_norm.GroupNorm(num_groups, name=name)(x, pre_bias)  # Computed in float32.
-  return y.astype(x.dtype)
 
 
 class ConvBlock(nn.Module):
@@ -59,22 +35,23 @@ class ConvBlock(nn.Module):
     num_groups: GroupNorm groups.
     strides: stride of the first convolution (1, or 2 to down-sample).
     dtype: compute dtype.
+    layers: the layer set.
   """
   features: int
   ndim: int
   num_groups: int
   strides: int = 1
   dtype: Any = jnp.float32
+  layers: LayerSet = FLAX
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block: `[B, *S, Cin] -> [B, *S / strides, features]`."""
-    kernel = (3,) * self.ndim
     for i, stride in enumerate((self.strides, 1)):
-      # Same parameters as nn.Conv; the norm adds the conv's bias (one pass fewer).
-      x, bias = conv_ops.Conv(self.features, kernel, stride, dtype=self.dtype,
-                              defer_bias=True, name=f'conv{i}')(x)
-      x = group_norm_f32(x, self.num_groups, name=f'norm{i}', pre_bias=bias)
+      conv = self.layers.conv(self.features, (3,) * self.ndim, strides=stride, padding='SAME',
+                              dtype=self.dtype, name=f'conv{i}')
+      norm = self.layers.group_norm(num_groups=self.num_groups, name=f'norm{i}')
+      x = self.layers.conv_norm(conv, norm, x).astype(self.dtype)  # Norm in float32.
       x = nn.leaky_relu(x, _NEGATIVE_SLOPE)
     return x
 
@@ -91,11 +68,13 @@ class UNet(nn.Module):
     features: channel widths per level, finest first.
     num_groups: GroupNorm groups; every width must be divisible by it.
     dtype: compute dtype (parameters are float32).
+    layers: the layer set.
   """
   ndim: int
   features: Sequence[int] = (16, 32, 64, 128)
   num_groups: int = 8
   dtype: Any = jnp.float32
+  layers: LayerSet = FLAX
 
   @property
   def num_levels(self) -> int:
@@ -140,7 +119,7 @@ class UNet(nn.Module):
     skips = []
     for level, width in enumerate(self.features):
       x = ConvBlock(width, self.ndim, self.num_groups, strides=1 if level == 0 else 2,
-                    dtype=self.dtype, name=f'enc{level}')(x)
+                    dtype=self.dtype, layers=self.layers, name=f'enc{level}')(x)
       skips.append(x)
     bottleneck = x
 
@@ -148,11 +127,10 @@ class UNet(nn.Module):
     decoder[-1] = bottleneck
     for level in range(self.num_levels - 2, -1, -1):
       width = self.features[level]
-      # nn.ConvTranspose((2,)*n, strides 2, 'SAME') as one dot: its backward on XLA:CPU was
-      # 5-10x slower than the dot's (docs/performance.md). Same parameters.
-      up = conv_ops.ConvTranspose2x(width, dtype=self.dtype, name=f'up{level}')(x)
+      up = self.layers.conv_transpose(width, (2,) * self.ndim, strides=(2,) * self.ndim,
+                                      padding='SAME', dtype=self.dtype, name=f'up{level}')(x)
       x = jnp.concatenate([up, skips[level]], axis=-1)
       x = ConvBlock(width, self.ndim, self.num_groups, strides=1, dtype=self.dtype,
-                    name=f'dec{level}')(x)
+                    layers=self.layers, name=f'dec{level}')(x)
       decoder[level] = x
     return bottleneck, tuple(decoder)

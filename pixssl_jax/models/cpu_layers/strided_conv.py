@@ -3,8 +3,7 @@
 Why: JAX differentiates a stride-`s` convolution into an input-dilated one (`lhs_dilation`):
 the output gradient with `s - 1` zeros between its elements, convolved with the flipped
 kernel. XLA:CPU has no library kernel for that form and runs it as a plain loop nest
-(`convolution-base-dilated` in a profile), multiplying all those zeros: in the demo step its
-two stride-2 layers took 32 ms of 0.57 s (`benchmarks/profile_step.py`, docs/performance.md).
+(`convolution-base-dilated` in a profile), multiplying all those zeros (docs/performance.md).
 
 The same gradient without the zeros is a polyphase (sub-pixel) convolution: input element
 `s * m + p` (phase `p` per axis) only ever meets the kernel taps `t` with `p + lo - t`

@@ -1,11 +1,11 @@
 """GroupNorm as per-channel sums and one elementwise pass (same parameters as Flax's).
 
 Why: `flax.linen.GroupNorm` reshapes `[B, *S, C]` to `[B, *S, G, C/G]`, reduces over
-`(*S, C/G)` and normalises with the group statistics broadcast back. On XLA:CPU that took 20%
-of the demo step (`benchmarks/profile_step.py`, docs/performance.md). Here the statistics are
-plain sums over the spatial axes, `[B, *S, C] -> [B, C]` (the same sums for the forward and,
-by autodiff, the backward pass), the groups are summed on the tiny `[B, C]` result, and the
-normalisation is one multiply-add with a per-(sample, channel) scale and shift.
+`(*S, C/G)` and normalises with the group statistics broadcast back, which XLA:CPU runs slowly
+(`benchmarks/profile_step.py`, docs/performance.md). Here the statistics are plain sums over
+the spatial axes, `[B, *S, C] -> [B, C]` (the same sums for the forward and, by autodiff, the
+backward pass), the groups are summed on the tiny `[B, C]` result, and the normalisation is one
+multiply-add with a per-(sample, channel) scale and shift.
 
 The bias of the convolution before the norm (`pre_bias`) is folded into the statistics and the
 shift instead of being added to the activations first, which saves a full read and write of

@@ -1,30 +1,29 @@
-"""The U-Net's convolutions in the forms XLA:CPU runs fast (same parameters as `nn.Conv`).
+"""Convolutions in the forms XLA:CPU runs fast, with `nn.Conv` / `nn.ConvTranspose`'s parameters.
 
 Why: XLA:CPU lowers `conv_general_dilated` to Eigen's spatial convolution (with
-`xla_options.compiler_options()`; this jaxlib's default, YNNPACK, was slower still). Its 2-D
-convolution runs near the machine's matmul speed for our widths, but its 3-D convolution ran
-at about a fifth of that, the input gradient of a strided 3-D convolution (an input-dilated
-convolution) was 70x slower than its forward pass (a `[4, 64^3, 16] -> 32` stride-2 3^3
-convolution: 0.2 s forward, 14 s forward+backward), and the backward pass of the 2x2(x2)
-transposed convolution was 5-10x slower than a matrix product doing the same work
-(docs/performance.md). So on CPU 3-D convolutions run as 2-D ones over depth slices, and on
-every backend the transposed convolution runs as one `dot` and a reshape.
+`xla_options.compiler_options()`). Its 2-D convolution runs near the machine's matmul speed for
+our widths, but its 3-D convolution runs at a fraction of that, the input gradient of a strided
+convolution (an input-dilated convolution) is a plain loop over zeros, and the backward pass of
+the 2x2(x2) transposed convolution is several times slower than a matrix product doing the same
+work (docs/performance.md). So here 3-D convolutions run as 2-D ones over depth slices, strided
+ones' input gradients by phases (strided_conv.py), and the transposed convolution as one `dot`
+and a reshape.
 
-The modules here create exactly the parameters `nn.Conv` / `nn.ConvTranspose` create (names
+The modules create exactly the parameters `nn.Conv` / `nn.ConvTranspose` create (names
 `kernel` `[*k, Cin, Cout]` and `bias` `[Cout]`, the same initialisers), so checkpoints and the
-parameter tree do not change; the results equal the `lax` convolutions up to float rounding
-(the products are summed in another order).
+parameter tree do not depend on the layer set; the results equal the `lax` convolutions up to
+float rounding (the products are summed in another order).
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pixssl_jax.models import dense
-from pixssl_jax.models import strided_conv
+from pixssl_jax.models.cpu_layers import dense
+from pixssl_jax.models.cpu_layers import strided_conv
 
 
 def conv_folding_first_axis(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
@@ -33,8 +32,8 @@ def conv_folding_first_axis(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1
   The `k` taps along the first spatial axis are concatenated on the channel axis and that axis
   is folded into the batch: `[B, D, *S, C] -> [B * D_out, *S, k * C]`, convolved in n-1
   dimensions with the kernel `[*k_rest, k_first * Cin, Cout]`. For 3-D this turns XLA:CPU's
-  3-D convolution into its 2-D one, which ran 2.5-3x faster forward+backward on our shapes
-  (and 20x for stride 2, whose 3-D input gradient is very slow; docs/performance.md).
+  3-D convolution into its 2-D one, much faster forward+backward on our shapes, strided ones
+  most (docs/performance.md).
 
   Args:
     x: `[B, D, *S, Cin]`.
@@ -85,38 +84,20 @@ def conv_transpose_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   return y.reshape(x.shape[0], *(2 * s for s in x.shape[1:-1]), cout)
 
 
-def cpu_forms() -> bool:
-  """Whether the convolutions take the forms only XLA:CPU needs (folded 3-D, phase gradients).
-
-  GPUs and TPUs have library kernels for native 3-D convolutions and for strided input
-  gradients, so they keep the plain forms. One switch for every CPU-only form, so that
-  `benchmarks/memory.py` can plan an accelerator's step by turning it off.
-  """
-  return jax.default_backend() == 'cpu'
-
-
-def fold_first_axis(ndim: int) -> bool:
-  """Whether `Conv` computes by `conv_folding_first_axis` (else `spatial_conv`).
-
-  Only with `cpu_forms()`, and only in 3-D. Measured on XLA:CPU (docs/performance.md): folding
-  wins for every 3-D convolution of the U-Net (2.5-3x forward+backward at stride 1, 20x at
-  stride 2) and gives no consistent gain in 2-D. The folded form keeps a 3x larger input for
-  the backward pass, one more reason for accelerators to keep the native one.
-  """
-  return ndim == 3 and cpu_forms()
-
-
 def spatial_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """A 'SAME' convolution, channels last; with `cpu_forms()`, a strided one's gradient by phases.
+  """A 'SAME' convolution, channels last; a strided one's input gradient by phases.
 
   XLA:CPU runs the input-dilated convolution that JAX makes of a strided convolution's input
-  gradient as a plain loop over the zeros; `strided_conv` computes it without them (4.8x
-  faster for the demo's first down-sampling layer, 3x for 3d64's folded one:
-  `benchmarks/layer_forms.py --only strided`).
+  gradient as a plain loop over the zeros; `strided_conv` computes it without them.
   """
-  if stride > 1 and cpu_forms():
+  if stride > 1:
     return strided_conv.strided_conv(x, kernel, stride)
   return strided_conv.conv(x, kernel, stride)
+
+
+def _check_same(module: str, padding: str) -> None:
+  if padding != 'SAME':
+    raise ValueError(f"{module}: only padding='SAME' is implemented, got {padding!r}")
 
 
 class Conv(nn.Module):
@@ -126,29 +107,34 @@ class Conv(nn.Module):
     features: output channels.
     kernel_size: spatial kernel shape (odd sizes).
     strides: one stride for every spatial axis.
+    padding: 'SAME' only.
     dtype: compute dtype (parameters float32).
-    defer_bias: return `(convolution, bias)` without adding the bias, for a GroupNorm that
-      folds it into its statistics and shift (group_norm.py): adding it here would be one
-      more pass over the activations.
   """
   features: int
-  kernel_size: tuple[int, ...]
+  kernel_size: Sequence[int]
   strides: int = 1
+  padding: str = 'SAME'
   dtype: Any = jnp.float32
-  defer_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray,
+               defer_bias: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+    """`[B, *S, Cin] -> [B, *S / strides, features]`.
+
+    With `defer_bias`, returns `(convolution, bias)` without adding the bias, for a GroupNorm
+    that folds it into its statistics and shift (group_norm.py), which saves a pass over the
+    activations.
+    """
+    _check_same('Conv', self.padding)
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    n = x.ndim - 2
-    if fold_first_axis(n):
+    if x.ndim == 5:
       y = conv_folding_first_axis(x, kernel, self.strides)
     else:
       y = spatial_conv(x, kernel, self.strides)
-    if self.defer_bias:
+    if defer_bias:
       return y, bias
     return y + bias.astype(self.dtype)
 
@@ -158,14 +144,24 @@ class ConvTranspose2x(nn.Module):
 
   Attributes:
     features: output channels.
+    kernel_size: 2 on every axis (None: 2 on every axis of the input).
+    strides: 2 on every axis (None: the same).
+    padding: 'SAME' only.
     dtype: compute dtype (parameters float32).
   """
   features: int
+  kernel_size: Sequence[int] | None = None
+  strides: Sequence[int] | None = None
+  padding: str = 'SAME'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     n = x.ndim - 2
+    _check_same('ConvTranspose2x', self.padding)
+    for field, value in (('kernel_size', self.kernel_size), ('strides', self.strides)):
+      if value is not None and tuple(value) != (2,) * n:
+        raise ValueError(f'ConvTranspose2x: {field} must be {(2,) * n}, got {tuple(value)}')
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*(2,) * n, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)

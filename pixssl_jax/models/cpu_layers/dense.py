@@ -2,14 +2,10 @@
 
 Why: for a per-pixel layer `y = x @ W` on `M` pixels, the kernel gradient contracts the
 `[M, Cin]` input with the `[M, Cout]` output gradient over the pixels. Written as JAX's
-autodiff writes it, `x^T @ dy`, XLA:CPU stored the output gradient of the pixel projector's
-first layer transposed (`[1024, 16384]`) before the product, a strided copy that took 141 ms
-of the 2.9 s 3d64 step (`benchmarks/profile_step.py --preset 3d64`, before this module).
-Computing `(dy^T @ x)^T` instead (the same sums, a `[Cout, Cin]` result transposed) needs no
-such copy: the projector's forward+backward went from 481 to 199 ms
-(`benchmarks/layer_forms.py --only dense`). Used by the pixel projector and by
-`conv_ops.conv_transpose_2x`; the context stabilizer did not gain from it and keeps
-`nn.Dense` (docs/performance.md).
+autodiff writes it, `x^T @ dy`, XLA:CPU stores the output gradient transposed (`[Cout, M]`)
+before the product, a strided copy of a large array. Computing `(dy^T @ x)^T` instead (the same
+sums, a `[Cout, Cin]` result transposed) needs no such copy (`benchmarks/layer_forms.py --only
+dense`, docs/performance.md). Used by the pixel projector and by `conv_ops.conv_transpose_2x`.
 """
 
 from typing import Any
@@ -46,19 +42,18 @@ class Dense(nn.Module):
   Attributes:
     features: output channels.
     dtype: compute dtype (parameters float32).
-    defer_bias: return `(x @ kernel, bias)` without adding the bias, for a GroupNorm that
-      folds it into its statistics (group_norm.py), as `conv_ops.Conv` does.
   """
   features: int
   dtype: Any = jnp.float32
-  defer_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray,
+               defer_bias: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+    """`[..., Cin] -> [..., features]`; with `defer_bias`, `(x @ kernel, bias)` (as `Conv`)."""
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
     y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.defer_bias:
+    if defer_bias:
       return y, bias
     return y + bias.astype(self.dtype)
