@@ -20,8 +20,8 @@ import numpy as np
 from pixssl_jax.data import case_store
 from pixssl_jax.data import intensity
 from pixssl_jax.models import pixssl
-from pixssl_jax.train import pretrain
-from pixssl_jax.train import pretrained
+from pixssl_jax.train import load_pretrained
+from pixssl_jax.train import loop
 
 
 def collapse_stats(features: np.ndarray) -> tuple[float, float]:
@@ -36,7 +36,7 @@ def collapse_stats(features: np.ndarray) -> tuple[float, float]:
 
 def crops(config) -> np.ndarray:
   """Four overlapping 2-D crops of the patch size from the first test case."""
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
+  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
   case_id = store.split('test')[0]
   image = intensity.scale_hu(store.image(case_id), store.hu_window)
   z, (px, py) = image.shape[2] // 2, tuple(config.data.patch_size)
@@ -60,7 +60,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('workdirs', nargs='+', help='pre-training workdirs (2-D runs)')
   args = parser.parse_args()
-  first = pretrained.read_pretrain_config(args.workdirs[0])
+  first = load_pretrained.read_pretrain_config(args.workdirs[0])
   x = crops(first)
   print('| network | features | mean pairwise cosine | effective rank |')
   print('| --- | --- | --- | --- |')
@@ -68,8 +68,8 @@ def main():
   report('random initialisation', model,
          pixssl.init_params(model, jax.random.PRNGKey(0), (1, *first.data.patch_size, 1)), x)
   for workdir in args.workdirs:
-    config = pretrained.read_pretrain_config(workdir)
-    params, step = pretrained.restore_student_params(workdir)
+    config = load_pretrained.read_pretrain_config(workdir)
+    params, step = load_pretrained.restore_student_params(workdir)
     report(f'{workdir} (step {step})', pixssl.build_model(config.model, config.data.ndim),
            params, x)
 

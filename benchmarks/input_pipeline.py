@@ -30,6 +30,7 @@ from absl import flags
 import nibabel as nib
 import numpy as np
 
+from pixssl_jax import config_files
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.data import prepare
@@ -143,7 +144,7 @@ def time_render(volume: np.ndarray, repeats: int = 7) -> list[tuple[str, float]]
 
 
 def time_loader(store, ndim, patch, batch_size, workers, scale_range, num_batches) -> float:
-  cfg = views.default_data_config()
+  cfg = config_files.load('pretrain', 'demo').data
   cfg.ndim, cfg.patch_size, cfg.scale_range = ndim, patch, scale_range
   loader = pipeline.pretrain_loader(store, cfg, batch_size=batch_size, seed=0,
                                     worker_count=workers)

@@ -55,9 +55,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import low_label_stats as stats  # noqa: E402
 from pixssl_jax import config_files  # noqa: E402
 from pixssl_jax.data import case_store  # noqa: E402
-from pixssl_jax.train import evaluate  # noqa: E402
+from pixssl_jax.evaluation import evaluate  # noqa: E402
+from pixssl_jax.evaluation import metrics as metrics_lib  # noqa: E402
 from pixssl_jax.train import finetune  # noqa: E402
-from pixssl_jax.train import finetune_setup  # noqa: E402
+from pixssl_jax.train import loop  # noqa: E402
 from pixssl_jax.train import pretrain  # noqa: E402
 
 
@@ -91,6 +92,8 @@ ARMS = {
     'pixel_only': Arm({'method.use_global': False}),
     'no_stabilizer': Arm({'method.use_stabilizer': False}),
     'no_uncertainty': Arm({'method.weighting': 'none'}),
+    # The uncertainty learned as a predicted discrepancy (its gradient trains the stabilizer).
+    'kendall': Arm({'method.weighting': 'kendall'}),
     # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
     'no_mc': Arm({'method.mc_samples': 1}),
     # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
@@ -199,7 +202,7 @@ class Benchmark:
     self.finetune_steps = args.finetune_steps or self.size['finetune']['num_steps']
     self.probe_num_steps = args.probe_steps or self.size['probe']['num_steps']
     self.probe_at = stats.probe_steps(self.pretrain_steps, args.probe_fractions)
-    self.store = case_store.CaseStore(pretrain.resolve_data_dir(self.finetune_config().data))
+    self.store = case_store.CaseStore(loop.resolve_data_dir(self.finetune_config().data))
 
   # Configs.
 
@@ -305,7 +308,7 @@ class Benchmark:
     run_dir = self.job_dir(job)
     if job['kind'] == 'pretrain':
       config = self.pretrain_config(job['arm'], job['pretrain_seed'])
-      pretrain.train_and_evaluate(config, str(run_dir), print_fn=print_fn)
+      pretrain.train(config, str(run_dir), print_fn=print_fn)
       result = {**job, 'seconds': time.perf_counter() - start,
                 'cpu_seconds': _cpu_seconds() - cpu_start}
       _write_json(self.result_path(job), result)
@@ -321,9 +324,9 @@ class Benchmark:
     config.mode = 'evaluate'
     summary = evaluate.evaluate(config, str(workdir), print_fn=print_fn)
     rows = json.loads((workdir / 'metrics.json').read_text())['cases']
-    described, train_ids = finetune_setup.label_split(
+    described, train_ids = finetune.label_split(
         self.store, config.label_fraction, config.seed, count=config.label_count)
-    result = {**job, **evaluate.mean_scores(summary), 'val_dice': final_val_dice(workdir),
+    result = {**job, **metrics_lib.mean_scores(summary), 'val_dice': final_val_dice(workdir),
               'labelled': {'described': described, 'cases': train_ids,
                            'slices': config.label_slices},
               'cases': stats.case_means(rows), 'organs': stats.organ_means(rows),

@@ -9,10 +9,11 @@ split) and `compiled.memory_analysis()` gives the bytes XLA plans: arguments (st
 outputs, temporaries, minus the donated state that outputs reuse. A line through the measured
 points gives the largest per-device batch that fits a 16 GiB and a 32 GiB chip.
 
-The convolutions are planned in the form accelerators run (native 3-D, JAX's strided input
-gradient; not the folded and phase forms `conv_ops` uses on CPU). Caveat: the plans come from XLA:CPU. A TPU compile of the same step schedules, fuses and pads
-differently (bf16 tiles, layout padding of small channel counts), so treat the numbers as a
-proxy and leave headroom; run the same script on the accelerator host for its own plan.
+The step is planned with the layers accelerators run (`model.layers='flax'`, what 'auto' picks
+there; not the CPU layer set's folded and phase forms). Caveat: the plans come from XLA:CPU. A
+TPU compile of the same step schedules, fuses and pads differently (bf16 tiles, layout padding
+of small channel counts), so treat the numbers as a proxy and leave headroom; run the same
+script on the accelerator host for its own plan.
 
 Then (unless `--demo-steps 0`) the 2-D demo runs for that many steps in a subprocess,
 `python -m pixssl_jax.main --config configs/pretrain.py:demo`, and its peak resident memory
@@ -33,11 +34,11 @@ import jax
 import numpy as np
 
 from benchmarks import train_step as bench
-from pixssl_jax.models import conv_ops
 from pixssl_jax.models import pixssl
+from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 
 GIB = 1024 ** 3
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,20 +48,20 @@ def planned_bytes(config, batch: int) -> dict[str, float]:
   """XLA's memory plan of one device's train step at a per-device batch (nothing runs)."""
   config = config.copy_and_resolve_references()
   config.batch_size = batch
+  # Plan the layers an accelerator runs, not XLA:CPU's forms.
+  config.model.layers = 'flax'
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state = step_lib.abstract_train_state(model, tx, config, mesh)
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  state = pretrain.abstract_train_state(model, tx, config, mesh)
   patch, n = tuple(config.data.patch_size), len(config.data.patch_size)
   sharding = mesh_lib.batch_sharded(mesh)
   view = jax.ShapeDtypeStruct((batch, *patch, 1), np.float32, sharding=sharding)
   transform = jax.ShapeDtypeStruct((batch, n, n + 1), np.float32, sharding=sharding)
   batch_spec = dict(view1=view, view2=view, transform1=transform, transform2=transform)
-  # Plan the convolutions an accelerator runs (native 3-D, JAX's strided input gradient), not
-  # XLA:CPU's forms.
-  conv_ops.cpu_forms = lambda: False
   start = time.perf_counter()
-  compiled = step_lib.jit_train_step(model, tx, config, mesh).lower(state, batch_spec).compile()
+  jitted = loop.jit_train_step(pretrain.train_step, model, tx, config, mesh)
+  compiled = jitted.lower(state, batch_spec).compile()
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes

@@ -306,8 +306,8 @@ def ema_momentum(step, num_steps, base):
 def learning_rates(optim_cfg, num_steps, count):
   """`state.learning_rate_schedule` at steps 0..count-1 (computed once, outside the step)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pixssl_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  schedule = state_lib.learning_rate_schedule(optim_cfg, num_steps)
+  from pixssl_jax.train import optimizers  # pylint: disable=g-import-not-at-top
+  schedule = optimizers.learning_rate_schedule(optim_cfg, num_steps)
   return [float(schedule(jnp.asarray(i))) for i in range(count)]
 
 
@@ -453,16 +453,17 @@ def check(preset: str, seed: int = 0) -> dict[str, float]:
   from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
   from pixssl_jax.models import heads  # pylint: disable=g-import-not-at-top
   from pixssl_jax.models import pixssl  # pylint: disable=g-import-not-at-top
+  from pixssl_jax.train import loop  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import objective  # pylint: disable=g-import-not-at-top
-  from pixssl_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from pixssl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from pixssl_jax.train import optimizers  # pylint: disable=g-import-not-at-top
+  from pixssl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
 
   config = bench.preset_config(preset)
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state = step_lib.init_train_state(model, tx, config, mesh)
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  state = pretrain.init_train_state(model, tx, config, mesh)
   # Perturb the teacher so student and teacher differ, as they do after the first step.
   leaves, treedef = jax.tree.flatten(state.ema_params)
   noise = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
@@ -473,7 +474,7 @@ def check(preset: str, seed: int = 0) -> dict[str, float]:
   batch = jax.tree.map(jnp.asarray, batch_np)
 
   # JAX: loss, metrics and gradients, then the jitted train step itself.
-  key = step_lib.step_key(config.seed, state.step)
+  key = loop.step_key(config.seed, state.step)
   loss_fn = lambda p: objective.pretrain_loss(  # noqa: E731
       p, state.ema_params, batch, key, state.step, model=model, method_cfg=config.method,
       num_steps=config.num_steps)
@@ -481,7 +482,7 @@ def check(preset: str, seed: int = 0) -> dict[str, float]:
       state.params)
   torch_step = TorchPretrainStep(model, config, jax.device_get(state.params),
                                  jax.device_get(state.ema_params))
-  new_state, _ = jax.jit(lambda s, x: step_lib.train_step(s, x, model=model, tx=tx,
+  new_state, _ = jax.jit(lambda s, x: pretrain.train_step(s, x, model=model, tx=tx,
                                                           config=config))(state, batch)
 
   # The JAX dropout masks of this step, fed to torch.

@@ -2,6 +2,7 @@ r"""Pre-training step time against PyTorch and the machine's matmul peak.
 
   PYTHONPATH=. python benchmarks/train_step.py [--presets demo,3d64,btcv_3d] [--steps 6]
       [--batch btcv_3d=1] [--no-torch] [--dtype bfloat16] [--cpu-library-fusions LIST]
+      [--layers flax]
 
 On a GPU host (JAX's default backend `gpu`, torch built with CUDA) the same command times
 both frameworks on the GPU; `--dtype bfloat16` sets the JAX `model.dtype` and runs the
@@ -43,9 +44,10 @@ import numpy as np
 from pixssl_jax import config_files
 from pixssl_jax import xla_options
 from pixssl_jax.models import pixssl
+from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 
 
 
@@ -172,17 +174,18 @@ class JaxStep:
   def __init__(self, config, mesh):
     self.config = config
     self.model = pixssl.build_model(config.model, config.data.ndim)
-    self.tx = state_lib.make_optimizer(config.optim, config.num_steps)
-    self.state = step_lib.init_train_state(self.model, self.tx, config, mesh)
+    self.tx = optimizers.make_optimizer(config.optim, config.num_steps)
+    self.state = pretrain.init_train_state(self.model, self.tx, config, mesh)
     self.batch = mesh_lib.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
-    self.jitted = step_lib.jit_train_step(self.model, self.tx, config, mesh)
+    self.jitted = loop.jit_train_step(pretrain.train_step, self.model, self.tx, config, mesh)
     start = time.perf_counter()
     lowered = self.jitted.lower(self.state, self.batch)
     self.compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
     if jax.default_backend() != 'cpu':  # Count on the CPU backend (see `flops_of`).
-      lowered = step_lib.jit_train_step(self.model, self.tx, config, cpu_mesh()).lower(
-          *cpu_abstract((self.state, self.batch)))
+      cpu_step = loop.jit_train_step(pretrain.train_step, self.model, self.tx, config,
+                                     cpu_mesh())
+      lowered = cpu_step.lower(*cpu_abstract((self.state, self.batch)))
     self.flops = flops_of(lowered)
 
   def __call__(self):
@@ -316,6 +319,8 @@ def main():
   parser.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
                       help="compute dtype of both models and of the matmul peak (default: "
                       "each preset's model.dtype, a float32 peak)")
+  parser.add_argument('--layers', default=None, choices=('auto', 'flax', 'cpu'),
+                      help="the JAX model's layer set, model.layers (default: each preset's)")
   parser.add_argument('--cpu-library-fusions', default=None,
                       help="XLA:CPU library fusions for the jitted steps instead of "
                       "pixssl_jax.xla_options' choice: 'xla-default', or a comma list such as "
@@ -343,6 +348,7 @@ def main():
   for name in args.presets.split(','):
     config = preset_config(name, batches.get(name))
     config.model.dtype = args.dtype or config.model.dtype
+    config.model.layers = args.layers or config.model.layers
     row = time_preset(config, mesh, args.steps, with_torch)
     rows.append((name, row))
     print(f'{name}: {row}', flush=True)

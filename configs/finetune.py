@@ -52,6 +52,7 @@ def _model_config() -> ml_collections.ConfigDict:
   model.features = (16, 32, 64, 128)  # Must equal the pre-training run's (strict loading).
   model.num_groups = 8
   model.dtype = 'float32'
+  model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   # Decoder level the 1x1 head reads; None: 0 (full resolution) when fine-tuning, the
   # pre-training's pixel_level for a linear probe (the level the pre-training loss compared).
   model.head_level = config_dict.placeholder(int)

@@ -69,6 +69,7 @@ def _model_config() -> ml_collections.ConfigDict:
   model.features = (16, 32, 64, 128)  # Channels per U-Net level; len = number of levels.
   model.num_groups = 8  # GroupNorm groups [default: no batch statistics].
   model.dtype = 'float32'  # Compute dtype; parameters are always float32.
+  model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   model.proj_hidden = 256  # Global projector/predictor MLP [default: BYOL shape, smaller].
   model.proj_dim = 128
   # Norm of the global MLP heads: 'batch' (statistics over the global batch, as BYOL; under jit

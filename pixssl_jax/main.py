@@ -77,12 +77,12 @@ def main(argv):
   try:
     if config.mode == 'pretrain':
       from pixssl_jax.train import pretrain
-      pretrain.train_and_evaluate(config, workdir)
+      pretrain.train(config, workdir)
     elif config.mode == 'finetune':
       from pixssl_jax.train import finetune
       finetune.train_and_evaluate(config, workdir)
     elif config.mode == 'evaluate':
-      from pixssl_jax.train import evaluate
+      from pixssl_jax.evaluation import evaluate
       evaluate.evaluate(config, workdir)
     else:
       raise config_checks.ConfigError(

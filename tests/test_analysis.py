@@ -21,8 +21,8 @@ from pixssl_jax.losses.pixel_matching import cell_to_cell_affine  # noqa: E402
 from pixssl_jax.models.pixssl import PixSSLModel  # noqa: E402
 from pixssl_jax.train import checkpointing  # noqa: E402
 from pixssl_jax.train import mesh as mesh_lib  # noqa: E402
-from pixssl_jax.train import state as state_lib  # noqa: E402
-from pixssl_jax.train import step as step_lib  # noqa: E402
+from pixssl_jax.train import optimizers  # noqa: E402
+from pixssl_jax.train import pretrain  # noqa: E402
 from tests.helpers import load_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_load_run_restores_the_eight_device_checkpoint_on_one_device(workdir, ru
   # The same checkpoint restored onto all 8 devices, as the training loop does.
   config = load_config('tiny')
   mesh = mesh_lib.make_data_mesh()
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  template = step_lib.abstract_train_state(run.model, tx, config, mesh)
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  template = pretrain.abstract_train_state(run.model, tx, config, mesh)
   manager = checkpointing.make_manager(str(workdir), keep=3)
   state, step, _ = checkpointing.restore_latest(manager, template, None)
   assert step == 4
@@ -153,6 +153,26 @@ def test_view_pair_analysis(run, volume):
   assert 0 <= pair.discrepancy.min() and pair.discrepancy.max() <= 4 + 1e-5
   match = analysis.pair_correspondence(pair)
   assert match.num_cells == pair.overlap[0].sum() and 0 <= match.accuracy <= 1
+
+
+def test_uncertainty_agreement_ranks_u_against_d_over_matched_cells(run, volume):
+  pair = analysis.analyse_view_pair(run, volume, seed=0)
+  rng = np.random.default_rng(0)
+  d = rng.uniform(size=pair.discrepancy.shape).astype(np.float32)
+  overlap = np.zeros_like(pair.overlap)
+  overlap[:, 2:14, 2:14] = True
+  # u follows d on the matched cells; the unmatched cells disagree and must not count.
+  u = np.where(overlap, d, 1.0 - d)
+  tracking = dataclasses.replace(pair, uncertainty=u, discrepancy=d, overlap=overlap)
+  result = analysis.uncertainty_agreement([tracking, tracking])
+  assert result.spearman == pytest.approx(1.0) and result.per_pair == pytest.approx([1.0, 1.0])
+  assert result.cells == 2 * overlap.sum()
+  unrelated = dataclasses.replace(tracking, uncertainty=rng.uniform(size=u.shape))
+  assert abs(analysis.uncertainty_agreement([unrelated]).spearman) < 0.1
+  constant = dataclasses.replace(tracking, uncertainty=np.zeros_like(u))
+  assert analysis.uncertainty_agreement([constant]).per_pair == [0.0]
+  with pytest.raises(ValueError, match='at least one view pair'):
+    analysis.uncertainty_agreement([])
 
 
 def _transforms():

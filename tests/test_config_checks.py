@@ -92,6 +92,7 @@ OUT_OF_RANGE = [
     ('pretrain', 'model.num_groups', 0, 'must be >= 1'),
     ('pretrain', 'model.stabilizer_dropout', 1.0, 'must be in [0, 1)'),
     ('pretrain', 'model.pixel_proj_dim', 0, 'must be >= 1'),
+    ('finetune', 'model.layers', 'gpu', "choose one of ('auto', 'flax', 'cpu')"),
     ('pretrain', 'method.tau', 0.0, 'must be > 0'),
     ('pretrain', 'method.kendall_eps', 0.0, 'must be > 0'),
     ('pretrain', 'method.threshold_start', -1.0, 'must be > 0'),
@@ -133,14 +134,13 @@ def _set(config, field, value):
                          ids=[f'{f}:{k}' for f, k, _, _ in OUT_OF_RANGE])
 def test_each_field_out_of_range_is_named(file, field, value, words):
   from pixssl_jax import config_files
-  from pixssl_jax.train import finetune_setup
   config = config_files.load(file, 'tiny')
   _set(config, field, value)
   if file == 'pretrain':
     found = problems(config)
   else:
     config.init = 'scratch'
-    found = finetune_setup.config_problems(config, device_count=8, process_count=1)
+    found = config_checks.finetune_config_problems(config, device_count=8, process_count=1)
   named = [p for p in found if p.startswith(f'config.{field}=')]
   assert len(named) == 1, found
   assert words in named[0], named[0]

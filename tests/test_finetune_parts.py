@@ -11,9 +11,8 @@ from pixssl_jax.losses import segmentation as seg_losses
 from pixssl_jax.models import pixssl
 from pixssl_jax.models import segmentation
 from pixssl_jax.train import config_checks
-from pixssl_jax.train import finetune_setup
-from pixssl_jax.train import finetune_step
-from pixssl_jax.train import pretrained
+from pixssl_jax.train import finetune
+from pixssl_jax.train import load_pretrained
 from tests.helpers import load_config
 
 
@@ -58,7 +57,7 @@ def _first_update(scale: float, grads, params):
   config.optim.backbone_lr_scale = scale
   config.optim.warmup_steps = 0
   config.optim.weight_decay = 0.0
-  tx = finetune_step.make_optimizer(config)
+  tx = finetune.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
 
@@ -78,12 +77,12 @@ def test_backbone_lr_scale_scales_only_the_backbone_updates():
 
 def test_merge_loads_the_backbone_and_leaves_the_head():
   target, source = _params(), _pretrain_params()
-  merged, loaded = pretrained.merge_backbone(target, source, part='encoder_decoder')
+  merged, loaded = load_pretrained.merge_backbone(target, source, part='encoder_decoder')
   np.testing.assert_array_equal(merged['backbone']['dec0']['conv1']['kernel'],
                                 source['backbone']['dec0']['conv1']['kernel'])
   np.testing.assert_array_equal(merged['seg_head']['kernel'], target['seg_head']['kernel'])
   assert 'backbone/up0/kernel' in loaded and not any('projector' in k for k in loaded)
-  enc_only, loaded = pretrained.merge_backbone(target, source, part='encoder')
+  enc_only, loaded = load_pretrained.merge_backbone(target, source, part='encoder')
   assert all(k.startswith('backbone/enc') for k in loaded)
   np.testing.assert_array_equal(enc_only['backbone']['dec0']['conv1']['kernel'],
                                 target['backbone']['dec0']['conv1']['kernel'])
@@ -93,13 +92,13 @@ def test_strict_loading_names_a_renamed_parameter_and_skip_list_allows_it():
   target, source = _params(), _pretrain_params()
   source['backbone']['dec0']['conv_renamed'] = source['backbone']['dec0'].pop('conv1')
   with pytest.raises(config_checks.ConfigError) as error:
-    pretrained.merge_backbone(target, source, part='encoder_decoder')
+    load_pretrained.merge_backbone(target, source, part='encoder_decoder')
   message = str(error.value)
   assert 'missing in the checkpoint: backbone/dec0/conv1/kernel (3, 3, 8, 8)' in message
   assert 'unexpected (in the checkpoint, not in the model): backbone/dec0/conv_renamed/kernel' \
       in message
   assert 'config.skip_params' in message
-  merged, _ = pretrained.merge_backbone(target, source, part='encoder_decoder',
+  merged, _ = load_pretrained.merge_backbone(target, source, part='encoder_decoder',
                                         skip=('backbone/dec0/conv1', 'backbone/dec0/conv_renamed'))
   np.testing.assert_array_equal(merged['backbone']['dec0']['conv1']['kernel'],
                                 target['backbone']['dec0']['conv1']['kernel'])
@@ -109,7 +108,8 @@ def test_strict_loading_names_every_shape_mismatch():
   with pytest.raises(config_checks.ConfigError,
                      match=r'shape mismatch: backbone/enc0/conv0/kernel checkpoint '
                            r'\(3, 3, 1, 16\) vs model \(3, 3, 1, 8\)'):
-    pretrained.merge_backbone(_params(), _pretrain_params(features=(16, 32, 64)), part='encoder')
+    load_pretrained.merge_backbone(_params(), _pretrain_params(features=(16, 32, 64)),
+                                   part='encoder')
 
 
 class _FakeStore:
@@ -122,12 +122,12 @@ class _FakeStore:
 
 def test_label_fraction_picks_the_seeded_split_or_a_seeded_subset():
   store = _FakeStore({'train_10': ['c3'], 'train_100': [f'c{i}' for i in range(10)]})
-  assert finetune_setup.label_split(store, 0.1, seed=0)[1] == ['c3']
-  assert finetune_setup.label_split(store, 1.0, seed=0)[1] == store.split('train_100')
-  half = finetune_setup.label_split(store, 0.5, seed=4)[1]
+  assert finetune.label_split(store, 0.1, seed=0)[1] == ['c3']
+  assert finetune.label_split(store, 1.0, seed=0)[1] == store.split('train_100')
+  half = finetune.label_split(store, 0.5, seed=4)[1]
   assert len(half) == 5 and set(half) <= set(store.split('train_100'))
-  assert half == finetune_setup.label_split(store, 0.5, seed=4)[1]
-  assert half != finetune_setup.label_split(store, 0.5, seed=5)[1]
+  assert half == finetune.label_split(store, 0.5, seed=4)[1]
+  assert half != finetune.label_split(store, 0.5, seed=5)[1]
 
 
 def test_2d_volume_inference_covers_every_slice_once_with_one_shape():
@@ -149,7 +149,8 @@ def test_2d_volume_inference_covers_every_slice_once_with_one_shape():
 
 def test_best_checkpoint_is_chosen_by_saved_validation_dice(tmp_path):
   import grain  # pylint: disable=g-import-not-at-top
-  from pixssl_jax.train import checkpointing, evaluate  # pylint: disable=g-import-not-at-top
+  from pixssl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from pixssl_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   manager = checkpointing.make_manager(str(tmp_path), keep=1, best_metric='val_dice',
                                        async_save=False)
   data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())

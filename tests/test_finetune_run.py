@@ -13,10 +13,12 @@ import pytest
 
 from pixssl_jax import config_files
 from pixssl_jax.data import case_store
-from pixssl_jax.train import evaluate
+from pixssl_jax.evaluation import evaluate
+from pixssl_jax.evaluation import inference
 from pixssl_jax.train import finetune
+from pixssl_jax.train import load_pretrained
+from pixssl_jax.train import loop
 from pixssl_jax.train import pretrain
-from pixssl_jax.train import pretrained
 from tests.helpers import REPO, load_config
 
 
@@ -30,7 +32,7 @@ def finetune_config(**overrides):
 @pytest.fixture(scope='module')
 def pretrained_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrain')
-  pretrain.train_and_evaluate(load_config('tiny'), str(workdir), print_fn=lambda _: None)
+  pretrain.train(load_config('tiny'), str(workdir), print_fn=lambda _: None)
   return workdir
 
 
@@ -62,7 +64,7 @@ def test_evaluate_writes_predictions_on_the_original_grid_and_metrics(finetuned)
   config = finetune_config(pretrained_workdir=config.pretrained_workdir, mode='evaluate')
   config.eval.uncertainty = True
   summary = evaluate.evaluate(config, str(workdir), print_fn=lines.append)
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
+  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
   test_ids = store.split('test')
   for case_id in test_ids:
     raw = nib.load(os.path.join(store.raw_dir, store.meta(case_id)['image_file']))
@@ -85,7 +87,7 @@ def test_evaluate_writes_predictions_on_the_original_grid_and_metrics(finetuned)
 def test_a_perfect_prediction_scores_near_one_on_the_original_grid(finetuned, monkeypatch):
   """The store label, exported and compared with the raw label file, for RAS and LPS files."""
   workdir, config, _, _ = finetuned
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
+  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
   orientations = {nib.aff2axcodes(nib.load(os.path.join(
       store.raw_dir, store.meta(c)['image_file'])).affine) for c in store.split('pretrain')}
   assert {('R', 'A', 'S'), ('L', 'P', 'S')} <= orientations
@@ -98,7 +100,7 @@ def test_a_perfect_prediction_scores_near_one_on_the_original_grid(finetuned, mo
       yield example
 
   monkeypatch.setattr(evaluate.pipeline, 'volume_iterator', recording_volumes)
-  monkeypatch.setattr(evaluate.VolumeScorer, 'predict', lambda self, params, image: (
+  monkeypatch.setattr(inference.VolumeScorer, 'predict', lambda self, params, image: (
       np.asarray(store.label(current['case_id']), np.uint8), None))
   config = finetune_config(pretrained_workdir=config.pretrained_workdir, mode='evaluate')
   config.eval.split = 'pretrain'  # The training cases: both orientations are among them.
@@ -120,7 +122,7 @@ def test_linear_probe_trains_only_the_head_on_the_pixel_level(pretrained_dir, tm
   config = finetune_config(pretrained_workdir=str(pretrained_dir), linear_probe=True,
                            num_steps=3, eval_every=3)
   state = finetune.train_and_evaluate(config, str(tmp_path), print_fn=lambda _: None)
-  source, _ = pretrained.restore_student_params(str(pretrained_dir))
+  source, _ = load_pretrained.restore_student_params(str(pretrained_dir))
   params = jax.device_get(state.params)
   jax.tree.map(np.testing.assert_array_equal, params['backbone'], source['backbone'])
   pixel_level = load_config('tiny').model.pixel_level

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import low_label_stats as stats
 from pixssl_jax.data import pipeline
-from pixssl_jax.train import finetune_setup
+from pixssl_jax.train import finetune
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -229,13 +229,13 @@ def test_label_split_draws_label_count_cases_nested_across_counts():
       return {'train_100': [f'c{i}' for i in range(10)], 'train_10': ['c3']}[name]
 
   store = Store()
-  one, two, four = (finetune_setup.label_split(store, 0.1, seed=5, count=n)[1] for n in (1, 2, 4))
+  one, two, four = (finetune.label_split(store, 0.1, seed=5, count=n)[1] for n in (1, 2, 4))
   assert len(one) == 1 and len(two) == 2 and len(four) == 4
   assert set(one) <= set(two) <= set(four)
-  assert finetune_setup.label_split(store, 0.1, seed=6, count=4)[1] != four
-  assert finetune_setup.label_split(store, 0.1, seed=5, count=99)[1] == store.split('train_100')
+  assert finetune.label_split(store, 0.1, seed=6, count=4)[1] != four
+  assert finetune.label_split(store, 0.1, seed=5, count=99)[1] == store.split('train_100')
   # Without a count, label_fraction as before: 0.1 is prepare's split.
-  assert finetune_setup.label_split(store, 0.1, seed=5) == ("split 'train_10'", ['c3'])
+  assert finetune.label_split(store, 0.1, seed=5) == ("split 'train_10'", ['c3'])
 
 
 @pytest.fixture(scope='module')

@@ -14,8 +14,8 @@ import pytest
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 from tests.helpers import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def restore_params_on_one_device(workdir):
   config = load_config('tiny')
   mesh = mesh_lib.make_data_mesh(jax.devices()[:1])
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, 3)
-  template = step_lib.abstract_train_state(model, tx, config, mesh)
+  tx = optimizers.make_optimizer(config.optim, 3)
+  template = pretrain.abstract_train_state(model, tx, config, mesh)
   manager = checkpointing.make_manager(str(workdir), keep=3)
   state, step, data_restored = checkpointing.restore_latest(manager, template, None)
   return state, step, data_restored

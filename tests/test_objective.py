@@ -8,11 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from pixssl_jax import config_files
 from pixssl_jax import losses
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.train.objective import stabilized_prediction
-from pixssl_jax.train.objective import default_method_config, pretrain_loss
+from pixssl_jax.train.objective import pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
             pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=16, stabilizer_hidden=32,
@@ -53,7 +54,7 @@ def _setup(dropout=0.2):
 
 
 def _cfg(**overrides):
-  cfg = default_method_config()
+  cfg = config_files.load('pretrain', 'demo').method
   cfg.lambda_global, cfg.lambda_pixel, cfg.mc_samples = 2.0, 0.5, 4
   cfg.update(overrides)
   return cfg

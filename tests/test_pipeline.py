@@ -6,6 +6,7 @@ import grain
 import numpy as np
 import pytest
 
+from pixssl_jax import config_files
 from pixssl_jax.data import pipeline
 from pixssl_jax.data import views
 
@@ -74,9 +75,10 @@ class InMemoryStore:
 
 
 def _cfg(ndim, patch=8):
-  cfg = views.default_data_config()
+  cfg = config_files.load('pretrain', 'demo').data
   cfg.ndim = ndim
   cfg.patch_size = (patch,) * ndim
+  cfg.flip = cfg.rot90 = True  # Every kind of view transform.
   return cfg
 
 

@@ -21,7 +21,7 @@ def test_loss_falls_over_30_steps(tmp_path):
   config.checkpoint_every = 30
   config.optim.warmup_steps = 3
   lines = []
-  pretrain.train_and_evaluate(config, str(tmp_path), print_fn=lines.append)
+  pretrain.train(config, str(tmp_path), print_fn=lines.append)
   losses = [read_metrics(tmp_path)[s]['train/loss'] for s in range(1, 31)]
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert lines[-1].startswith('step 30/30')
@@ -48,4 +48,4 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):
   config = load_config('tiny')
   config.checkpoint_every = 100
   with pytest.raises(FloatingPointError, match='Non-finite loss nan at step 2'):
-    pretrain.train_and_evaluate(config, str(tmp_path), print_fn=lambda _: None)
+    pretrain.train(config, str(tmp_path), print_fn=lambda _: None)

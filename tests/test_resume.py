@@ -114,7 +114,7 @@ def short_config():
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('short_uninterrupted')
-  state = pretrain.train_and_evaluate(short_config(), str(workdir), print_fn=lambda _: None)
+  state = pretrain.train(short_config(), str(workdir), print_fn=lambda _: None)
   return workdir, jax.device_get(state.params)
 
 
@@ -129,7 +129,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(
   shutil.copytree(source, workdir)
   damage(workdir / 'checkpoints' / '6', 'missing_manifest')
   lines = []
-  state = pretrain.train_and_evaluate(short_config(), str(workdir), print_fn=lines.append)
+  state = pretrain.train(short_config(), str(workdir), print_fn=lines.append)
   warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
   assert len(warnings) == 1 and warnings[0].startswith(
       f'warning: checkpoint step 6 cannot be restored ({workdir / "checkpoints" / "6"}: ')
@@ -148,4 +148,4 @@ def test_every_checkpoint_damaged_stops_with_a_config_error(tmp_path, uninterrup
   with pytest.raises(config_checks.ConfigError,
                      match=re.escape(f'no checkpoint in {workdir / "checkpoints"} can be '
                                      'restored')):
-    pretrain.train_and_evaluate(short_config(), str(workdir), print_fn=lambda _: None)
+    pretrain.train(short_config(), str(workdir), print_fn=lambda _: None)

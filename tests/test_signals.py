@@ -15,9 +15,9 @@ from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import finetune
 from pixssl_jax.train import mesh as mesh_lib
+from pixssl_jax.train import optimizers
 from pixssl_jax.train import preemption
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import pretrain
 from tests.helpers import logged_steps
 from tests.helpers import REPO
 from tests.helpers import load_config
@@ -145,8 +145,8 @@ def interrupt_once(workdir, env, after_step):
 def final_params(workdir):
   config = load_config('tiny')
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, NUM_STEPS)
-  template = step_lib.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh())
+  tx = optimizers.make_optimizer(config.optim, NUM_STEPS)
+  template = pretrain.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh())
   state, step, _ = checkpointing.restore_latest(checkpointing.open_reader(
       workdir / 'checkpoints'), template, None)
   assert step == NUM_STEPS

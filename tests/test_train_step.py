@@ -5,19 +5,20 @@ import numpy as np
 import pytest
 
 from pixssl_jax.models import pixssl
+from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 from tests.helpers import load_config, random_batch
 
 
 def run_one_step(config, devices):
   mesh = mesh_lib.make_data_mesh(devices)
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state = step_lib.init_train_state(model, tx, config, mesh)
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  state = pretrain.init_train_state(model, tx, config, mesh)
   before = jax.device_get(state)
-  step = step_lib.jit_train_step(model, tx, config, mesh)
+  step = loop.jit_train_step(pretrain.train_step, model, tx, config, mesh)
   state, metrics = step(state, mesh_lib.global_batch(random_batch(config), mesh))
   return before, jax.device_get(state), jax.device_get(metrics)
 
@@ -45,8 +46,8 @@ def test_one_and_eight_devices_agree(tiny_config, one_device_step):
 def test_step_updates_student_and_moves_teacher_by_ema(tiny_config, one_device_step):
   before, after, metrics = one_device_step
   assert int(after.step) == 1
-  base = state_lib.base_ema_momentum(tiny_config.optim, tiny_config.num_steps)
-  momentum = float(state_lib.ema_momentum(0, tiny_config.num_steps, base))
+  base = pretrain.base_ema_momentum(tiny_config.optim, tiny_config.num_steps)
+  momentum = float(pretrain.ema_momentum(0, tiny_config.num_steps, base))
   np.testing.assert_allclose(metrics['ema_momentum'], momentum, rtol=1e-6)
   # One update keeps m0 of the initialisation.
   np.testing.assert_allclose(metrics['teacher_init_share'], momentum, rtol=1e-5)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pixssl_jax import config_files
 from pixssl_jax.data import intensity
 from pixssl_jax.data import views
 
@@ -12,7 +13,7 @@ VOL_SHAPE = (40, 40, 24)
 
 def _cfg(ndim, *, scale_range=(0.7, 1.4), flip=True, rot90=True, min_overlap=0.3,
          patch=None, enabled=False):
-  cfg = views.default_data_config()
+  cfg = config_files.load('pretrain', 'demo').data
   cfg.ndim = ndim
   cfg.patch_size = patch or (16,) * ndim
   cfg.scale_range = scale_range

@@ -27,6 +27,7 @@ from pixssl_jax.analysis.plots import slice_of
 from pixssl_jax.analysis.probes import Correspondence
 from pixssl_jax.analysis.probes import PcaBasis
 from pixssl_jax.analysis.probes import Separability
+from pixssl_jax.analysis.probes import UncertaintyAgreement
 from pixssl_jax.analysis.probes import correspondence
 from pixssl_jax.analysis.probes import fit_pca
 from pixssl_jax.analysis.probes import labels_on_grid
@@ -34,6 +35,7 @@ from pixssl_jax.analysis.probes import organ_separability
 from pixssl_jax.analysis.probes import pair_correspondence
 from pixssl_jax.analysis.probes import pca_rgb
 from pixssl_jax.analysis.probes import true_cell_positions
+from pixssl_jax.analysis.probes import uncertainty_agreement
 from pixssl_jax.analysis.runs import Run
 from pixssl_jax.analysis.runs import available_steps
 from pixssl_jax.analysis.runs import load_run

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 from pixssl_jax.analysis.features import PairAnalysis
 
@@ -186,6 +187,44 @@ def pair_correspondence(pair: PairAnalysis, *, use: str = 'teacher',
   proj = pair.teacher_proj if use == 'teacher' else pair.student_proj
   return correspondence(proj[0], proj[1], pair.transforms[0], pair.transforms[1], pair.stride,
                         tolerance=tolerance)
+
+
+@dataclasses.dataclass
+class UncertaintyAgreement:
+  """How well the MC-dropout uncertainty predicts the pixel discrepancy, over view pairs.
+
+  Attributes:
+    spearman: Spearman's rank correlation of u and d over the matched cells of every pair
+      pooled (tie-averaged ranks).
+    per_pair: the same within each pair (0 for a pair with a constant u or d).
+    cells: number of pooled cells.
+  """
+  spearman: float
+  per_pair: list[float]
+  cells: int
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return 0.0
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def uncertainty_agreement(pairs: Sequence[PairAnalysis]) -> UncertaintyAgreement:
+  """Spearman(u, d) over the matched cells of `pairs` (from `analyse_view_pair`).
+
+  Measured on cases the run did not pre-train on, this is the held-out form of the loss's
+  `uncertainty_spearman` diagnostic: whether the uncertainty ranks pixels as the discrepancy
+  the weighting is meant to anticipate does.
+  """
+  if not pairs:
+    raise ValueError('uncertainty_agreement needs at least one view pair')
+  us = [p.uncertainty[p.overlap] for p in pairs]
+  ds = [p.discrepancy[p.overlap] for p in pairs]
+  u, d = np.concatenate(us), np.concatenate(ds)
+  return UncertaintyAgreement(spearman=_spearman(u, d),
+                              per_pair=[_spearman(a, b) for a, b in zip(us, ds)],
+                              cells=int(u.size))
 
 
 @dataclasses.dataclass

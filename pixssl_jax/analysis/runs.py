@@ -20,9 +20,10 @@ from etils import epath
 from pixssl_jax.data import case_store
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
+from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 
 WHICH = ('teacher', 'student')
 
@@ -66,9 +67,7 @@ class Run:
 
   def store(self) -> case_store.CaseStore:
     """The run's prepared store (the embedded phantom store is generated if missing)."""
-    # Imported here: the train loop module pulls in grain, needed only for this lookup.
-    from pixssl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-    return case_store.CaseStore(pretrain.resolve_data_dir(self.config.data))
+    return case_store.CaseStore(loop.resolve_data_dir(self.config.data))
 
   def __repr__(self) -> str:
     return (f'Run(workdir={self.workdir!r}, step={self.step}, steps={self.steps}, '
@@ -153,8 +152,8 @@ def load_run(workdir, step: int | None = None, which: str = 'teacher',
   model = pixssl.build_model(config.model, config.data.ndim)
   device = device if device is not None else jax.local_devices()[0]
   # Every leaf replicated on `device` only: a checkpoint from any topology restores there.
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  template = step_lib.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh([device]))
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  template = pretrain.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh([device]))
   manager = _read_only_manager(workdir)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -299,7 +299,7 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
 
   Args:
     store: case store; only `split`, `image` and `hu_window` are used.
-    data_cfg: the `data` config (see `views.default_data_config`).
+    data_cfg: the `data` config (configs/pretrain.py's fields).
     batch_size: examples per batch in this process.
     seed: shuffle and augmentation seed (0 <= seed < 2**32).
     shard_index, shard_count: this process's share of the global stream.

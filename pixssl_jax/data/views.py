@@ -35,36 +35,6 @@ _MAX_OVERLAP_TRIES = 10
 _PULL_STEPS = (0.8, 0.6, 0.4, 0.2, 0.0)
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Returns the `data` config fields this module and `pipeline.py` read.
-
-  Returns:
-    A ConfigDict with the view, intensity and loader fields and their defaults.
-  """
-  cfg = ml_collections.ConfigDict()
-  cfg.ndim = 2
-  cfg.patch_size = (128, 128)        # view shape P, one entry per axis (an int is broadcast)
-  cfg.region_scale = 2.0             # region side = region_scale * P, capped by the volume
-  cfg.min_overlap = 0.3              # min fraction of each view's voxels matched in the other
-  cfg.scale_range = (0.7, 1.4)       # crop side / patch side, log-uniform; None = no resize
-  cfg.flip = True                    # random flip per axis
-  cfg.rot90 = True                   # random quarter turn in the axial plane (0, 1)
-  cfg.min_body_fraction = 0.05       # 2-D: prefer slices with this much voxels above air
-  cfg.intensity = ml_collections.ConfigDict()
-  cfg.intensity.enabled = True
-  cfg.intensity.prob = 0.5           # probability of each augmentation, independently
-  cfg.intensity.window_jitter = 0.1  # window centre shift and width change, fraction of width
-  cfg.intensity.brightness = 0.1     # additive shift in [-b, b] on the [0, 1] scale
-  cfg.intensity.contrast = 0.2       # multiplicative factor in [1 - c, 1 + c] around the mean
-  cfg.intensity.gamma = 0.3          # gamma log-uniform in [1 / (1 + g), 1 + g]
-  cfg.intensity.noise_std = 0.03     # Gaussian noise std uniform in [0, noise_std]
-  cfg.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range in voxels
-  cfg.worker_count = 0               # grain worker processes (0: in-process threads)
-  cfg.read_threads = 2
-  cfg.prefetch_buffer_size = 4
-  return cfg
-
-
 def patch_shape(data_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Returns the view shape P from `data_cfg.patch_size`, checked against `ndim`."""
   ndim = int(data_cfg.ndim)

@@ -1,4 +1,8 @@
-"""Whole-volume probabilities from a 2-D or 3-D patch model, by sliding windows.
+"""Whole-volume predictions of a segmentation network: jitted probabilities, sliding windows.
+
+`jit_probabilities` and `jit_mc_probabilities` are the per-window functions; `VolumeScorer`
+turns one of them into labels (and an uncertainty map) per volume, for validation during
+fine-tuning and for `--config.mode=evaluate`.
 
 A 3-D model slides `patch_size` windows over the volume. A 2-D model sees axial slices: it
 slides `(Px, Py, 1)` windows with overlap `(o, o, 0)`, so every slice is covered exactly as a
@@ -6,12 +10,16 @@ slides `(Px, Py, 1)` windows with overlap `(o, o, 0)`, so every slice is covered
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from pixssl_jax import xla_options
 from pixssl_jax.evaluation.sliding_window import sliding_window_inference
+from pixssl_jax.models import segmentation
 
 
 def volume_predictor(prob_fn: Callable, ndim: int) -> Callable:
@@ -55,3 +63,68 @@ def predict_volume(predictor: Callable, params, image: np.ndarray, *, ndim: int,
   return sliding_window_inference(lambda x: predictor(params, x), image, patch_size=patch,
                                   overlap=overlap, batch_size=batch_size, gaussian=gaussian,
                                   pad_value=0.0)
+
+
+def jit_probabilities(model: segmentation.SegmentationModel) -> Callable:
+  """`(params, x [B, *P, 1]) -> softmax probabilities [B, *P, K]`, jitted once."""
+  def probabilities(params, x):
+    return jax.nn.softmax(model.apply({'params': params}, x), axis=-1)
+  return jax.jit(probabilities)
+
+
+def jit_mc_probabilities(model: segmentation.SegmentationModel, num_samples: int,
+                         seed: int) -> Callable:
+  """MC dropout: `(params, x) -> [B, *P, K + 1]`: mean probabilities and their variance.
+
+  The backbone runs once; the dropout + 1x1 head runs `num_samples` times. The last channel is
+  the uncertainty: the variance of the softmax probabilities over the samples, summed over
+  classes (0 when every sample agrees, never above 1). Every call uses the same `seed`, so
+  overlapping windows average the same sampling noise and reruns reproduce the map.
+  """
+  def mc(params, x):
+    features = model.apply({'params': params}, x, method=model.features_of)
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_samples)
+    # A Python list, not a stacked axis: XLA:CPU reduces a leading sample axis slowly.
+    samples = [jax.nn.softmax(model.apply({'params': params}, features, x.shape[1:-1], False,
+                                          method=model.head, rngs={'dropout': k}), axis=-1)
+               for k in keys]
+    mean = sum(samples) / num_samples
+    variance = sum(jnp.square(s - mean) for s in samples) / num_samples
+    return jnp.concatenate([mean, jnp.sum(variance, axis=-1, keepdims=True)], axis=-1)
+  return jax.jit(mc)
+
+
+def local_copy(params: Any) -> Any:
+  """A replicated (possibly multi-process) params tree as arrays on this process's first device.
+
+  Inference then runs per process without collectives, on whatever cases the process holds.
+  """
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x,
+                      params)
+
+
+class VolumeScorer:
+  """Predicts whole volumes with one compiled function and scores them.
+
+  Args:
+    model: the `SegmentationModel`.
+    config: the fine-tuning config (uses `data.ndim`, `data.patch_size`, `eval.*`).
+    uncertainty: also compute the MC-dropout uncertainty channel.
+  """
+
+  def __init__(self, model, config: ml_collections.ConfigDict, uncertainty: bool = False):
+    self._config = config
+    self._num_classes = model.num_classes
+    prob_fn = (jit_mc_probabilities(model, config.eval.mc_samples, config.seed)
+               if uncertainty else jit_probabilities(model))
+    self._predictor = volume_predictor(prob_fn, config.data.ndim)
+
+  def predict(self, params, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels `[X, Y, Z]` uint8 and the uncertainty map (or None) for one scaled image."""
+    ev = self._config.eval
+    out = predict_volume(self._predictor, params, image, ndim=self._config.data.ndim,
+                         patch_size=self._config.data.patch_size, overlap=ev.overlap,
+                         batch_size=ev.batch_size, gaussian=ev.gaussian)
+    labels = np.argmax(out[..., :self._num_classes], axis=-1).astype(np.uint8)
+    uncertainty = out[..., self._num_classes] if out.shape[-1] > self._num_classes else None
+    return labels, uncertainty

@@ -255,6 +255,12 @@ def summarize(per_case_rows: Sequence[Mapping]) -> list[dict]:
   return table
 
 
+def mean_scores(summary: list[dict]) -> dict[str, float]:
+  """The 'mean' row of a summary as {'dice', 'hd95'} (mean over cases of the organ means)."""
+  row = next(r for r in summary if r['organ'] == 'mean')
+  return {'dice': float(row['dice_mean']), 'hd95': float(row['hd95_mean'])}
+
+
 def format_table(summary: Sequence[Mapping]) -> str:
   """The summary as aligned text for logs: Dice in percent, HD95 in mm."""
   width = max([len(str(r['organ'])) for r in summary] + [5])

@@ -1,7 +1,8 @@
 """Checks made before the first step, so a bad config or workdir fails with a clear message.
 
 Every problem found is reported at once, each naming the config field, instead of a stack trace
-from deep inside JAX minutes into the run.
+from deep inside JAX minutes into the run. Pre-training calls `validate_pretrain`, fine-tuning
+and evaluation `validate_finetune`.
 """
 
 import math
@@ -9,12 +10,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 from etils import epath
 
 from pixssl_jax.data import default_dataset
+from pixssl_jax.data import splits as splits_lib
 from pixssl_jax.losses import WEIGHTING_FORMS
 from pixssl_jax.losses import WEIGHTING_SCALES
+from pixssl_jax.models import layers
 from pixssl_jax.models import pixssl
 from pixssl_jax.train.objective import MATCH_MODES
 
@@ -24,6 +28,8 @@ class ConfigError(ValueError):
 
 
 OPTIMIZERS = ('adamw', 'lars')
+FINETUNE_MODES = ('finetune', 'evaluate')  # The modes of configs/finetune.py.
+INITS = ('pretrained', 'scratch')
 
 
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -103,6 +109,7 @@ FIELD_RANGES = {
     'model.stabilizer_hidden': _AT_LEAST_ONE,
     'model.stabilizer_dropout': _FRACTION,
     'model.head_dropout': _FRACTION,
+    'model.layers': _choice(layers.NAMES),
     'method.mc_samples': _AT_LEAST_ONE,
     'method.weighting': _choice(WEIGHTING_FORMS),
     'method.weighting_scale': _choice(WEIGHTING_SCALES),
@@ -245,6 +252,63 @@ def validate_pretrain(config: ml_collections.ConfigDict, workdir: str, *, device
     raise ConfigError(f"config.mode={config.mode!r}: this entry point runs 'pretrain'.")
   problems = pretrain_config_problems(config, device_count=device_count,
                                       process_count=process_count)
+  problems += data_dir_problems(config.data)
+  if problems:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+  check_workdir_writable(workdir)
+
+
+def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                             process_count: int) -> list[str]:
+  """One message per inconsistency in a fine-tuning config (empty if none)."""
+  # Imported here: load_pretrained raises ConfigError, so a top-level import would be circular.
+  from pixssl_jax.train import load_pretrained  # pylint: disable=g-import-not-at-top
+  problems = data_and_batch_problems(config, device_count=device_count,
+                                     process_count=process_count)
+  model = config.model
+  if config.mode not in FINETUNE_MODES:
+    problems.append(f'config.mode={config.mode!r}: choose one of {FINETUNE_MODES}.')
+  if config.init not in INITS:
+    problems.append(f'config.init={config.init!r}: choose one of {INITS}.')
+  if config.mode == 'finetune' and config.init == 'pretrained' and not config.pretrained_workdir:
+    problems.append("config.pretrained_workdir is not set: pass the pre-training workdir, or "
+                    "--config.init=scratch to train from random weights.")
+  if config.load not in load_pretrained.PARTS:
+    problems.append(f'config.load={config.load!r}: choose one of '
+                    f'{sorted(load_pretrained.PARTS)}.')
+  if config.label_slices > 0 and config.data.ndim != 2:
+    problems.append(f'config.label_slices={config.label_slices} needs 2-D crops '
+                    f'(config.data.ndim=2): a 3-D crop would take the unlabelled slices '
+                    'between them for background.')
+  if config.loss.dice_weight == 0 and config.loss.ce_weight == 0:
+    problems.append('config.loss: dice_weight and ce_weight are both 0; nothing to learn.')
+  if model.dtype not in ('float32', 'bfloat16'):
+    problems.append(f"config.model.dtype={model.dtype!r}: choose one of ('float32', "
+                    "'bfloat16').")
+  if model.head_level is not None and not 0 <= model.head_level < len(model.features):
+    problems.append(f'config.model.head_level={model.head_level}: must be in '
+                    f'[0, {len(model.features) - 1}] for {len(model.features)} U-Net levels.')
+  if config.pretrained_step is not None and config.pretrained_step < 0:
+    problems.append(f'config.pretrained_step={config.pretrained_step}: must be >= 0.')
+  if config.eval.split not in splits_lib.SPLIT_NAMES:
+    problems.append(f'config.eval.split={config.eval.split!r}: choose one of '
+                    f'{splits_lib.SPLIT_NAMES}.')
+  checkpoint = str(config.eval.checkpoint)
+  if checkpoint not in ('best', 'last') and not checkpoint.isdigit():
+    problems.append(f"config.eval.checkpoint={config.eval.checkpoint!r}: use 'best', 'last' or "
+                    'a step number.')
+  if config.eval.uncertainty and model.head_dropout <= 0:
+    problems.append('config.eval.uncertainty needs config.model.head_dropout > 0 '
+                    '(MC dropout samples the head).')
+  if config.eval.uncertainty and config.eval.mc_samples < 2:
+    problems.append(f'config.eval.mc_samples={config.eval.mc_samples}: must be >= 2.')
+  return problems
+
+
+def validate_finetune(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError listing every problem with `config` and `workdir`."""
+  problems = finetune_config_problems(config, device_count=jax.device_count(),
+                                      process_count=jax.process_count())
   problems += data_dir_problems(config.data)
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

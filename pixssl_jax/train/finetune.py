@@ -1,28 +1,238 @@
-"""The fine-tuning loop: labelled crops, Dice + CE, validation on whole volumes, best/last ckpts.
+"""Fine-tuning: labelled crops, Dice + CE, validation on whole volumes, best/last checkpoints.
 
 Also runs the dense linear probe (`config.linear_probe`): the same loop with the backbone
-frozen and the 1x1 head on the pre-trained decoder level.
+frozen and the 1x1 head on the pre-trained decoder level. Sections: the derived config, the
+label split and the model (shared with `pixssl_jax.evaluation.evaluate`); the state and its
+optimizer; the pure `train_step`; validation and the loop, `train_and_evaluate`.
 """
 
+import json
 import math
+from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
+from etils import epath
 
 from pixssl_jax import paths
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
+from pixssl_jax.evaluation import inference
+from pixssl_jax.evaluation import metrics as metrics_lib
+from pixssl_jax.losses import segmentation as seg_losses
+from pixssl_jax.models import segmentation
 from pixssl_jax.train import checkpointing
-from pixssl_jax.train import evaluate as evaluate_lib
-from pixssl_jax.train import finetune_setup
-from pixssl_jax.train import finetune_step
+from pixssl_jax.train import config_checks
+from pixssl_jax.train import load_pretrained
+from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
+from pixssl_jax.train import optimizers
 from pixssl_jax.train import preemption
-from pixssl_jax.train import pretrain
 
+# label_fraction -> the seeded split `prepare` wrote (docs/data.md); others are drawn from
+# train_100 with the run's seed.
+FRACTION_SPLITS = {0.1: 'train_10', 1.0: 'train_100'}
 BEST_METRIC = 'val_dice'
 _HINT = 'check the labels'
+
+
+# ---- Config, labelled cases and the model ----
+
+def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy with the derived fields filled in: `model.head_level` (see configs/finetune.py).
+
+  Evaluation takes it from the fine-tuning run's `config.json`, so it scores the network that
+  was trained whatever the pre-training workdir holds now.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy; the caller's is kept.
+  if config.model.head_level is None:
+    level = 0
+    written = epath.Path(workdir) / 'config.json'
+    if config.mode == 'evaluate' and written.exists():
+      level = json.loads(written.read_text())['model']['head_level']
+    elif config.linear_probe and config.init == 'pretrained' and config.pretrained_workdir:
+      level = load_pretrained.read_pretrain_config(config.pretrained_workdir).model.pixel_level
+    config.model.head_level = int(level)
+  return config
+
+
+def label_split(store: case_store.CaseStore, fraction: float, seed: int,
+                count: int = 0) -> tuple[str, list[str]]:
+  """(description, case ids) of the labelled training cases.
+
+  Drawn subsets are a prefix of one seeded permutation of train_100, so for one seed a
+  smaller count is a subset of a larger one (1 case within 2 within 4).
+
+  Args:
+    store: the case store.
+    fraction: `config.label_fraction`, used when `count` is 0: 0.1 and 1.0 are the splits
+      `prepare` wrote (`FRACTION_SPLITS`), other values a seeded subset of train_100.
+    seed: the fine-tuning seed, which draws the subsets.
+    count: `config.label_count`: > 0 draws this many train_100 cases (all of them when
+      train_100 has no more); 0 uses `fraction`.
+  """
+  pool = store.split('train_100')
+  order = np.random.default_rng([seed, 7]).permutation(len(pool))
+  if count:
+    if count < 0:
+      raise config_checks.ConfigError(f'config.label_count={count}: must be >= 0.')
+    count = min(int(count), len(pool))
+  else:
+    for value, name in FRACTION_SPLITS.items():
+      if math.isclose(fraction, value):
+        return f'split {name!r}', store.split(name)
+    count = max(1, int(round(fraction * len(pool))))
+  return (f'{count} of the {len(pool)} train_100 cases (seed {seed})',
+          sorted(pool[i] for i in order[:count]))
+
+
+def num_classes(store: case_store.CaseStore) -> int:
+  """The label classes of `store` (background included); a clear error for unlabelled stores."""
+  names = store.label_names
+  if not store.split('train_100'):
+    raise config_checks.ConfigError(
+        f'{store.data_dir}: the store has no labelled case (it was prepared from images '
+        'only); fine-tuning needs labels: prepare a folder with labels (docs/data.md)')
+  if len(names) < 2:
+    raise config_checks.ConfigError(
+        f'{store.data_dir}: the store names {len(names)} label class(es); a segmentation '
+        'needs background and at least one organ')
+  if sorted(names) != list(range(len(names))):
+    raise config_checks.ConfigError(
+        f'{store.data_dir}: label values {sorted(names)} are not 0..K-1; re-run prepare with '
+        'consecutive labels')
+  return len(names)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                store: case_store.CaseStore) -> segmentation.SegmentationModel:
+  try:
+    return segmentation.build_segmentation_model(config.model, config.data.ndim,
+                                                 num_classes(store))
+  except ValueError as e:
+    if isinstance(e, config_checks.ConfigError):
+      raise
+    raise config_checks.ConfigError(f'config.{e}') from None
+
+
+# ---- Fine-tuning state ----
+
+@flax.struct.dataclass
+class SegState:
+  """Everything a fine-tuning step updates; checkpointed as one pytree."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The pre-training optimizer family for the head and the backbone.
+
+  With `linear_probe` only the head is updated; otherwise the backbone trains at
+  `optim.backbone_lr_scale` times the head's rate (the same optimizer and schedule, its own
+  moments). Scale 1 (or a config without the field) is one optimizer over all parameters, the
+  optimizer state of fine-tuning runs written before the field existed.
+  """
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
+  if config.linear_probe:
+    labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
+    return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  scale = float(config.optim.get('backbone_lr_scale', 1.0))
+  if scale == 1.0:
+    return tx
+  # One global-norm clip over all gradients, as at scale 1; then a rate per group.
+  unclipped = config.optim.copy_and_resolve_references()
+  unclipped.grad_clip = 0.0
+  backbone = unclipped.copy_and_resolve_references()
+  backbone.learning_rate = unclipped.learning_rate * scale
+  groups = {'head': optimizers.make_optimizer(unclipped, config.num_steps),
+            'backbone': (optimizers.make_optimizer(backbone, config.num_steps) if scale > 0
+                         else optax.set_to_zero())}
+  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
+  grouped = optax.multi_transform(groups, labels)
+  if config.optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), grouped)
+  return grouped
+
+
+def create_state(params: Any, tx: optax.GradientTransformation) -> SegState:
+  return SegState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _sample_shape(config) -> tuple[int, ...]:
+  return (1, *config.data.patch_size, 1)
+
+
+def abstract_state(model, tx, config) -> SegState:
+  """Shapes and replicated shardings of the fine-tuning state (a restore target)."""
+  return mesh_lib.abstract_replicated(lambda: create_state(
+      segmentation.init_segmentation_params(model, jax.random.key(0, impl='rbg'),
+                                            _sample_shape(config)), tx), mesh_lib.make_data_mesh())
+
+
+def initial_state(model, tx, config, mesh, print_fn=print) -> SegState:
+  """Step-0 state: random init, then the pre-trained backbone merged in (strictly)."""
+  params = jax.jit(segmentation.init_segmentation_params, static_argnums=(0, 2))(
+      model, jax.random.key(config.seed, impl='rbg'), _sample_shape(config))
+  if config.init == 'pretrained':
+    source, step = load_pretrained.restore_student_params(config.pretrained_workdir,
+                                                          config.pretrained_step)
+    params, loaded = load_pretrained.merge_backbone(jax.device_get(params), source,
+                                                    part=config.load,
+                                                    skip=tuple(config.skip_params))
+    print_fn(f'Loaded {len(loaded)} pre-trained {config.load} tensors from '
+             f'{config.pretrained_workdir} (step {step})'
+             + (f'; left at random init: {list(config.skip_params)}' if config.skip_params
+                else ''))
+  else:
+    print_fn('Training from scratch (random initialisation).')
+  return jax.jit(lambda p: create_state(p, tx),
+                 out_shardings=mesh_lib.replicated(mesh))(params)
+
+
+# ---- The jitted step ----
+
+def train_step(state: SegState, batch: dict[str, jax.Array], *,
+               model: segmentation.SegmentationModel, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict) -> tuple[SegState, dict[str, jax.Array]]:
+  """One optimizer step on a labelled batch (`image [B, *P, 1]`, `label [B, *P]`)."""
+  def loss_fn(params):
+    if config.linear_probe:
+      # No backward pass through the frozen backbone at all, not just zero updates.
+      params = dict(params, backbone=jax.lax.stop_gradient(params['backbone']))
+    logits = model.apply({'params': params}, batch['image'], deterministic=False,
+                         rngs={'dropout': loop.step_key(config.seed, state.step)})
+    return seg_losses.segmentation_loss(logits, batch['label'],
+                                        dice_weight=config.loss.dice_weight,
+                                        ce_weight=config.loss.ce_weight)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  schedule = optimizers.learning_rate_schedule(config.optim, config.num_steps)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ---- Validation and the loop ----
+
+def validation_scores(scorer: inference.VolumeScorer, params, store: case_store.CaseStore,
+                      split: str, max_cases: int = 0) -> tuple[list[dict], list[dict]]:
+  """Per-case rows and summary of `split` on the store grid (every process scores all)."""
+  params = inference.local_copy(params)
+  rows = []
+  for i, example in enumerate(pipeline.volume_iterator(store, split)):
+    if max_cases and i >= max_cases:
+      break
+    labels, _ = scorer.predict(params, example['image'])
+    rows += metrics_lib.case_rows(example['case_id'], metrics_lib.case_metrics(
+        labels, example['label'], store.spacing, store.label_names))
+  return rows, metrics_lib.summarize(rows)
 
 
 def _loader(store, config, train_ids):
@@ -36,7 +246,7 @@ def _loader(store, config, train_ids):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       print_fn=print) -> finetune_step.SegState:
+                       print_fn=print) -> SegState:
   """Fine-tunes (or resumes) in `workdir`; validates every `eval_every` steps and at the end.
 
   Returns:
@@ -44,17 +254,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with the best validation Dice (`--config.mode=evaluate` uses the best by default).
   """
   config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
-  finetune_setup.validate(config, workdir)
-  config = finetune_setup.resolve(config, workdir)
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
-  model = finetune_setup.build_model(config, store)
+  config_checks.validate_finetune(config, workdir)
+  config = resolve(config, workdir)
+  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
+  model = build_model(config, store)
   is_chief = jax.process_index() == 0
   if is_chief:
-    pretrain.write_config(config, workdir)
+    loop.write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
-  tx = finetune_step.make_optimizer(config)
-  described, train_ids = finetune_setup.label_split(store, config.label_fraction, config.seed,
-                                                    count=config.get('label_count', 0))
+  tx = make_optimizer(config)
+  described, train_ids = label_split(store, config.label_fraction, config.seed,
+                                     count=config.get('label_count', 0))
   print_fn(f'Fine-tuning on {len(train_ids)} labelled case(s) ({described}, label_fraction '
            f'{config.label_fraction}); validating on {len(store.split("val"))} case(s)'
            + ('; linear probe: backbone frozen, head on decoder level '
@@ -64,26 +274,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=BEST_METRIC)
   restored = checkpointing.restore_latest(
-      manager, finetune_setup.abstract_state(model, tx, config), data_iter)
+      manager, abstract_state(model, tx, config), data_iter)
   if restored is None:
-    state, start_step = finetune_setup.initial_state(model, tx, config, mesh, print_fn), 0
+    state, start_step = initial_state(model, tx, config, mesh, print_fn), 0
   else:
     state, start_step, data_restored = restored
     if not data_restored:
       data_iter = _loader(store, config, train_ids)  # Other process count: a fresh stream.
     print_fn(f'Resumed from step {start_step} in {workdir}')
 
-  train_step = finetune_step.jit_train_step(model, tx, config, mesh)
-  scorer = evaluate_lib.VolumeScorer(model, config)
+  jitted_step = loop.jit_train_step(train_step, model, tx, config, mesh)
+  scorer = inference.VolumeScorer(model, config)
   writer = metrics_writer.MetricsWriter(
       workdir, num_steps=config.num_steps,
       voxels_per_step=config.batch_size * math.prod(config.data.patch_size), enabled=is_chief,
       print_fn=print_fn)
 
   def validate_and_save(step):
-    _, summary = evaluate_lib.validation_scores(scorer, state.params, store, 'val',
-                                                config.eval.val_max_cases)
-    scores = evaluate_lib.mean_scores(summary)
+    _, summary = validation_scores(scorer, state.params, store, 'val',
+                                   config.eval.val_max_cases)
+    scores = metrics_lib.mean_scores(summary)
     writer.write_scalars(step, scores, prefix='val')
     checkpointing.save(manager, step, state, data_iter, force=True,
                        metrics={BEST_METRIC: scores['dice']})
@@ -93,19 +303,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start_step, config.num_steps):
       if step > start_step and stop_requested(step):
-        pretrain.finish_step(pending, writer, config, _HINT)
+        loop.finish_step(pending, writer, config, _HINT)
         checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
         manager.wait_until_finished()
         print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
         return state
       if step > start_step and step % config.eval_every == 0:
-        pending = pretrain.finish_step(pending, writer, config, _HINT)
+        pending = loop.finish_step(pending, writer, config, _HINT)
         validate_and_save(step)
       batch = mesh_lib.global_batch(next(data_iter), mesh)
-      pending = pretrain.finish_step(pending, writer, config, _HINT)
-      state, metrics = train_step(state, batch)
+      pending = loop.finish_step(pending, writer, config, _HINT)
+      state, metrics = jitted_step(state, batch)
       pending = (step, metrics)
-    pretrain.finish_step(pending, writer, config, _HINT)
+    loop.finish_step(pending, writer, config, _HINT)
     if start_step < config.num_steps:
       validate_and_save(config.num_steps)
   finally:
@@ -113,4 +323,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stop_requested.close()
     writer.close()
   return state
-

@@ -38,42 +38,6 @@ PIXEL_DIAGNOSTICS = ('weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_sp
                      'pixel_effective_rank')
 
 
-def default_method_config() -> ml_collections.ConfigDict:
-  """The `method:` config subtree with docs/method.md's defaults.
-
-  The uncertainty `u` is a channel-mean variance of unit vectors, so `0 <= u <= 1/Cp`, and its
-  size falls several fold during training (a mean of 1.7e-3 at step 0 and 5.5e-4 at step 300
-  on the low-label benchmark's pre-training). The default `weighting_scale='relative'` measures
-  u against the batch, so the weighting keeps its strength: 'exp' weights by u standardised
-  over the valid pixels (`tau` in standard deviations: 1 halves the weight every 0.69 std),
-  'threshold' keeps the `threshold_keep_start -> threshold_keep_end` most certain fraction,
-  'kendall' uses `s = log(Cp u + eps)`, on the scale of the discrepancy. 'absolute' restores
-  the forms on the raw u, with `tau_absolute` and `threshold_start/end` on u's own scale
-  (chosen from the demo preset at initialisation, mean u about 1.2e-3).
-  """
-  return ml_collections.ConfigDict({
-      'use_global': True,
-      'use_pixel': True,
-      'use_stabilizer': True,
-      'mc_samples': 8,            # K stabilizer samples; 1 disables MC dropout.
-      'weighting': 'exp',         # 'exp' | 'kendall' | 'threshold' | 'none'.
-      'weighting_scale': 'relative',  # 'relative' (to the batch / to 1/Cp) | 'absolute'.
-      'tau': 1.0,                 # 'exp' relative: w = exp(-clip(z, +-3) / tau), z standardised u.
-      'tau_absolute': 2e-3,       # 'exp' absolute: w = exp(-u / tau_absolute).
-      'kendall_eps': 1e-3,        # 'kendall': s = log(Cp u + eps), absolute: log(u + eps).
-      'threshold_keep_start': 0.5,  # 'threshold' relative: keep the most certain fraction,
-      'threshold_keep_end': 0.9,    # ramped start -> end (UA-MT's ramp).
-      'threshold_start': 2e-3,    # 'threshold' absolute: keep u < t, t ramped start -> end
-      'threshold_end': 4e-3,      # (UA-MT's exp(-5 (1 - step/num_steps)^2) ramp).
-      'lambda_global': 1.0,
-      'lambda_pixel': 1.0,
-      'match': 'inverse',         # 'inverse' (exact inverse mapping) | 'distance' (PixPro).
-      'match_distance': 0.7,      # 'distance': positive if closer than this many cell diagonals.
-      'lambda_variance': 1.0,     # VICReg variance hinge on the student pixel projections,
-      'lambda_covariance': 0.04,  # and covariance term (anti-collapse; 0, 0 switch them off).
-  })
-
-
 def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
                            model: PixSSLModel, mc_samples: int,
                            differentiate_uncertainty: bool = False
@@ -192,7 +156,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     key: the step's dropout / MC key (already folded with the step).
     step: current step (scalar, may be traced), drives the 'threshold' ramp.
     model: the `PixSSLModel` (static).
-    method_cfg: the `method` ConfigDict (static), fields of `default_method_config()`.
+    method_cfg: the `method` ConfigDict (static), configs/pretrain.py's fields.
     num_steps: total training steps (static).
 
   Returns:

@@ -1,9 +1,10 @@
-"""Scoring a segmentation network on whole volumes: validation and `--config.mode=evaluate`.
+"""`--config.mode=evaluate`: scoring a fine-tuned network on whole volumes.
 
-Validation (during fine-tuning) scores the 'val' cases on the store grid, the cheap way.
 Evaluation scores `config.eval.split` ('test') the way a paper reports it: each prediction is
 resampled to the case's original grid and written as NIfTI with the original affine, then
 compared with the raw label file, with the original voxel spacing for HD95 (docs/evaluation.md).
+Validation during fine-tuning (`train.finetune.validation_scores`) scores the 'val' cases on the
+store grid, the cheap way, with the same `inference.VolumeScorer`.
 
 Every process scores its share of the cases (round-robin) on its first local device; process 0
 merges the rows and writes `metrics.csv`/`metrics.json`.
@@ -13,7 +14,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -31,65 +31,8 @@ from pixssl_jax.evaluation import inference
 from pixssl_jax.evaluation import metrics as metrics_lib
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
-from pixssl_jax.train import finetune_setup
-from pixssl_jax.train import finetune_step
-from pixssl_jax.train import pretrain
-
-
-def local_copy(params: Any) -> Any:
-  """A replicated (possibly multi-process) params tree as arrays on this process's first device.
-
-  Inference then runs per process without collectives, on whatever cases the process holds.
-  """
-  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x,
-                      params)
-
-
-class VolumeScorer:
-  """Predicts whole volumes with one compiled function and scores them.
-
-  Args:
-    model: the `SegmentationModel`.
-    config: the fine-tuning config (uses `data.ndim`, `data.patch_size`, `eval.*`).
-    uncertainty: also compute the MC-dropout uncertainty channel.
-  """
-
-  def __init__(self, model, config: ml_collections.ConfigDict, uncertainty: bool = False):
-    self._config = config
-    self._num_classes = model.num_classes
-    prob_fn = (finetune_step.jit_mc_probabilities(model, config.eval.mc_samples, config.seed)
-               if uncertainty else finetune_step.jit_probabilities(model))
-    self._predictor = inference.volume_predictor(prob_fn, config.data.ndim)
-
-  def predict(self, params, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels `[X, Y, Z]` uint8 and the uncertainty map (or None) for one scaled image."""
-    ev = self._config.eval
-    out = inference.predict_volume(self._predictor, params, image, ndim=self._config.data.ndim,
-                                   patch_size=self._config.data.patch_size, overlap=ev.overlap,
-                                   batch_size=ev.batch_size, gaussian=ev.gaussian)
-    labels = np.argmax(out[..., :self._num_classes], axis=-1).astype(np.uint8)
-    uncertainty = out[..., self._num_classes] if out.shape[-1] > self._num_classes else None
-    return labels, uncertainty
-
-
-def validation_scores(scorer: VolumeScorer, params, store: case_store.CaseStore,
-                      split: str, max_cases: int = 0) -> tuple[list[dict], list[dict]]:
-  """Per-case rows and summary of `split` on the store grid (every process scores all)."""
-  params = local_copy(params)
-  rows = []
-  for i, example in enumerate(pipeline.volume_iterator(store, split)):
-    if max_cases and i >= max_cases:
-      break
-    labels, _ = scorer.predict(params, example['image'])
-    rows += metrics_lib.case_rows(example['case_id'], metrics_lib.case_metrics(
-        labels, example['label'], store.spacing, store.label_names))
-  return rows, metrics_lib.summarize(rows)
-
-
-def mean_scores(summary: list[dict]) -> dict[str, float]:
-  """The 'mean' row of a summary as {'dice', 'hd95'} (mean over cases of the organ means)."""
-  row = next(r for r in summary if r['organ'] == 'mean')
-  return {'dice': float(row['dice_mean']), 'hd95': float(row['hd95_mean'])}
+from pixssl_jax.train import finetune
+from pixssl_jax.train import loop
 
 
 def _raw_label(store: case_store.CaseStore, case_id: str) -> np.ndarray | None:
@@ -147,24 +90,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) ->
     `WORKDIR/metrics.csv`, `WORKDIR/metrics.json` and `WORKDIR/predictions/`.
   """
   config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
-  finetune_setup.validate(config, workdir)
-  config = finetune_setup.resolve(config, workdir)
-  store = case_store.CaseStore(pretrain.resolve_data_dir(config.data))
-  model = finetune_setup.build_model(config, store)
-  tx = finetune_step.make_optimizer(config)
+  config_checks.validate_finetune(config, workdir)
+  config = finetune.resolve(config, workdir)
+  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
+  model = finetune.build_model(config, store)
+  tx = finetune.make_optimizer(config)
   # Read-only: evaluation neither creates, cleans nor deletes checkpoints.
   manager = checkpointing.open_reader(checkpointing.checkpoint_dir(workdir))
   step = choose_checkpoint(manager, config.eval.checkpoint)
   # The chosen step or a clear error: scoring another checkpoint than asked would mislead.
   state, _, _ = checkpointing.restore_latest(
-      manager, finetune_setup.abstract_state(model, tx, config), None, step=step,
+      manager, finetune.abstract_state(model, tx, config), None, step=step,
       choose='--config.eval.checkpoint=STEP')
   manager.close()
-  params = local_copy(state.params)
+  params = inference.local_copy(state.params)
   print_fn(f'Evaluating checkpoint {step} ({config.eval.checkpoint}) on split '
            f'{config.eval.split!r} of {store.data_dir}')
 
-  scorer = VolumeScorer(model, config, uncertainty=config.eval.uncertainty)
+  scorer = inference.VolumeScorer(model, config, uncertainty=config.eval.uncertainty)
   out_dir = os.path.join(workdir, 'predictions')
   rows, grids = [], set()
   cases = pipeline.volume_iterator(store, config.eval.split, shard_index=jax.process_index(),

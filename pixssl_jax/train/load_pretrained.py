@@ -26,8 +26,8 @@ from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import mesh as mesh_lib
-from pixssl_jax.train import state as state_lib
-from pixssl_jax.train import step as step_lib
+from pixssl_jax.train import optimizers
+from pixssl_jax.train import pretrain
 
 # Which U-Net modules each `init` part loads: encoder levels are enc<l>; the decoder is the
 # transposed convolutions up<l> and the blocks dec<l>.
@@ -74,11 +74,11 @@ def restore_student_params(workdir: str, step: int | None = None) -> tuple[Any, 
     raise config_checks.ConfigError(
         f'config.pretrained_step={step}: no such checkpoint in {ckpt_dir} (have {sorted(steps)})')
   model = pixssl.build_model(config.model, config.data.ndim)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
+  tx = optimizers.make_optimizer(config.optim, config.num_steps)
   mesh = mesh_lib.make_data_mesh()
   # Only the student params are read: the teacher and the optimizer moments (three more copies
   # of the network) stay on disk. The same on-disk format as StandardSave, restored partially.
-  target = {'params': step_lib.abstract_train_state(model, tx, config, mesh).params}
+  target = {'params': pretrain.abstract_train_state(model, tx, config, mesh).params}
 
   def restore(s):
     restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -1,0 +1,44 @@
+"""The optimizer (AdamW or LARS) and its learning-rate schedule, for pre-training and
+fine-tuning."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict,
+                           num_steps: int) -> optax.Schedule:
+  """Linear warm-up to the peak rate, then cosine decay, as a function of the step index.
+
+  Step k trains with the rate at point k + 1 of the curve, so the first step already learns
+  (peak / warmup) instead of being spent at rate 0, and the rate reaches 0 after the last step.
+  """
+  warmup = min(optim_cfg.warmup_steps, max(num_steps - 1, 0))
+  curve = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(num_steps + 1, warmup + 1), end_value=0.0)
+  return lambda step: curve(step + 1)
+
+
+def _decay_mask(params: Any) -> Any:
+  # Weight decay on kernels only: biases and norm scales (rank <= 1) are not decayed.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """AdamW (default) or LARS on the warm-up + cosine schedule, after global-norm clipping."""
+  schedule = learning_rate_schedule(optim_cfg, num_steps)
+  if optim_cfg.name == 'adamw':
+    base = optax.adamw(schedule, weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+  elif optim_cfg.name == 'lars':
+    base = optax.lars(schedule, weight_decay=optim_cfg.weight_decay,
+                      weight_decay_mask=_decay_mask, trust_ratio_mask=_decay_mask)
+  else:
+    raise ValueError(f"config.optim.name: unknown optimizer {optim_cfg.name!r}; "
+                     "choose 'adamw' or 'lars'.")
+  if optim_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), base)
+  return base
