@@ -281,7 +281,7 @@ def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
                                  first_batch)
   if worker_count is None:
     worker_count = int(data_cfg.get('worker_count', 0))
-  # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (PITFALLS.md).
+  # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (docs/pitfalls.md).
   read_options = grain.ReadOptions(
       num_threads=int(data_cfg.get('read_threads', 2)),
       prefetch_buffer_size=int(data_cfg.get('prefetch_buffer_size', 4)))

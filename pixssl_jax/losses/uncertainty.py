@@ -26,9 +26,9 @@ SPEARMAN_CELLS = 4096
 def mean_over_samples(x: jnp.ndarray) -> jnp.ndarray:
   """Mean over the leading (sample) axis as a chain of K - 1 elementwise adds.
 
-  XLA's CPU reduction over a leading axis is slow: for `[8, 16, 32, 32, 64]` float32 it took
-  42 ms against 1 ms for the unrolled adds (K is small and static, so this stays one fused
-  elementwise kernel on every backend).
+  XLA's CPU reduction over a leading axis is many times slower than the unrolled adds
+  (docs/performance.md); K is small and static, so this stays one fused elementwise kernel on
+  every backend.
   """
   total = x[0]
   for k in range(1, x.shape[0]):
@@ -53,8 +53,7 @@ def mc_dropout_statistics(samples: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
   """
   samples = samples.astype(jnp.float32)
   # l2_normalize by hand, keeping each sample's squared norm: |n_k|^2 = sq * inv^2 (1 unless
-  # the sample is shorter than the norm floor) needs no second pass over [K, B, *G, C]
-  # (measured 54 -> 21 ms for [8, 16, 32, 32, 64] on XLA:CPU; docs/performance.md).
+  # the sample is shorter than the norm floor) needs no second pass over [K, B, *G, C].
   sq = jnp.sum(jnp.square(samples), axis=-1)
   inv = jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS ** 2))
   mean_direction = mean_over_samples(samples * inv[..., None])

@@ -150,7 +150,7 @@ def dropout_scale(shape: tuple[int, ...], rate: float, key: jax.Array) -> jnp.nd
 
 
 class ContextStabilizer(nn.Module):
-  """1x1 conv MLP with dropout between the layers (METHOD.md "Context stabilizer").
+  """1x1 conv MLP with dropout between the layers (docs/method.md).
 
   1x1 conv -> LayerNorm -> ReLU -> Dropout -> 1x1 conv. It maps the student's pixel projection
   to a prediction of the teacher's. Run K times with independent 'dropout' keys it gives the

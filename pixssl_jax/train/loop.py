@@ -67,7 +67,7 @@ def finish_step(pending, writer: metrics_writer.MetricsWriter, config: ml_collec
 
   `pending` is `(step, metrics)` or None. Blocking on the previous step before dispatching the
   next keeps one step in flight: more than that deadlocks collectives on simulated CPU devices
-  (PITFALLS.md). Used by the pre-training and fine-tuning loops: `pending = finish_step(...)`.
+  (docs/pitfalls.md). Used by the pre-training and fine-tuning loops: `pending = finish_step(...)`.
   """
   if pending is None:
     return None
