@@ -165,3 +165,13 @@ def test_best_checkpoint_is_chosen_by_saved_validation_dice(tmp_path):
     evaluate.choose_checkpoint(manager, 3)
   with pytest.raises(config_checks.ConfigError, match="use 'best', 'last' or a step"):
     evaluate.choose_checkpoint(manager, 'newest')
+
+
+def test_evaluating_a_pretraining_workdir_is_a_clear_error(tmp_path):
+  # A pre-training run's config.json has no head_level: say which workdir to evaluate instead.
+  (tmp_path / 'config.json').write_text(
+      config_files.load('pretrain', 'tiny').to_json_best_effort())
+  config = config_files.load('finetune', 'tiny')
+  config.mode = 'evaluate'
+  with pytest.raises(config_checks.ConfigError, match='holds no fine-tuning run.*mode=finetune'):
+    finetune.resolve(config, str(tmp_path))

@@ -54,7 +54,12 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
     level = 0
     written = epath.Path(workdir) / 'config.json'
     if config.mode == 'evaluate' and written.exists():
-      level = json.loads(written.read_text())['model']['head_level']
+      model = json.loads(written.read_text()).get('model', {})
+      if 'head_level' not in model:
+        raise config_checks.ConfigError(
+            f'{workdir} holds no fine-tuning run ({written} has no model.head_level: a '
+            'pre-training run?); evaluate the --workdir that --config.mode=finetune wrote.')
+      level = model['head_level']
     elif config.linear_probe and config.init == 'pretrained' and config.pretrained_workdir:
       level = load_pretrained.read_pretrain_config(config.pretrained_workdir).model.pixel_level
     config.model.head_level = int(level)
