@@ -68,7 +68,7 @@ def _optim_config() -> ml_collections.ConfigDict:
   optim.weight_decay = 1e-4
   optim.grad_clip = 1.0
   # The backbone's rate is learning_rate times this; the head's is learning_rate. Below 1 a
-  # fine-tuning moves pre-trained weights less (docs/evaluation.md, fine-tuning recipe).
+  # fine-tuning moves pre-trained weights less (docs/evaluation.md, learning rates).
   optim.backbone_lr_scale = 1.0
   return optim
 
