@@ -157,3 +157,33 @@ def test_missing_or_unprepared_data_dir_is_named_before_anything_is_written(tmp_
   with pytest.raises(config_checks.ConfigError, match='raw: not a prepared store'):
     config_checks.validate_pretrain(config, str(workdir), device_count=8, process_count=1)
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('file', ['pretrain', 'finetune'])
+def test_config_upgrade_leaves_current_configs_alone_and_fills_old_ones(file):
+  from pixssl_jax import config_files
+  from pixssl_jax.train import config_upgrade
+  current = config_files.load(file, 'tiny')
+  # Every added field is in today's config files: upgrading a current config changes nothing.
+  assert config_upgrade.upgrade(current).to_dict() == current.to_dict()
+  old = config_files.load(file, 'tiny')
+  added = [(path, value) for path, value, files in config_upgrade.ADDED_FIELDS if file in files]
+  for path, _ in added:
+    *parents, leaf = path.split('.')
+    node = old
+    for name in parents:
+      node = node[name]
+    del node[leaf]
+  if file == 'pretrain':
+    old.method.tau = 2e-3
+    del old.method['tau_absolute']
+  upgraded = config_upgrade.upgrade(old)
+  for path, value in added:
+    node = upgraded
+    for name in path.split('.'):
+      node = node[name]
+    assert node == value, path
+  if file == 'pretrain':  # The absolute weighting's temperature was kept in tau.
+    assert upgraded.method.tau_absolute == 2e-3 and upgraded.method.weighting_scale == 'absolute'
+  else:
+    assert 'ema_final_init_share' not in upgraded.optim

@@ -11,9 +11,11 @@ from pixssl_jax.models import layers
 from pixssl_jax.models import segmentation
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.models.unet import UNet
+from pixssl_jax.train import config_upgrade
 
 TINY = dict(features=(8, 16, 32), num_groups=4, proj_hidden=32, proj_dim=16, pixel_level=2,
-            pixel_proj_dim=16, stabilizer_hidden=32, stabilizer_dropout=0.1, head_norm='batch')
+            pixel_hypercolumn=False, pixel_proj_dim=16, stabilizer_hidden=32,
+            stabilizer_dropout=0.1, head_norm='batch', pixel_norm='group', layers='auto')
 # An 'rbg' key: jit-compiling Flax init with threefry keys takes ~8 s for a tiny 3-D U-Net on
 # this CPU against ~1 s with rbg; the values do not matter to these tests.
 INIT_KEY = jax.random.key(0, impl='rbg')
@@ -31,7 +33,8 @@ PRESETS = {
 
 
 def _cfg(fields, dtype='float32'):
-  return ml_collections.ConfigDict(dict(fields, dtype=dtype))
+  return ml_collections.ConfigDict(dict({'pixel_norm': 'group', 'layers': 'auto'}, **fields,
+                                        dtype=dtype))
 
 
 @pytest.mark.parametrize('ndim,shape,features', [
@@ -270,10 +273,10 @@ def test_layer_set_names():
   assert layers.layer_set('auto') is expected
   with pytest.raises(ValueError, match=r"model\.layers='gpu'.*'auto', 'flax', 'cpu'"):
     layers.layer_set('gpu')
-  # A config written before the field existed builds with 'auto'.
+  # A run's config.json written before the field existed reads back with 'auto'.
   config = config_files.load('pretrain', 'tiny')
   del config.model['layers']
-  assert build_model(config.model, 2).layers is expected
+  assert build_model(config_upgrade.upgrade(config).model, 2).layers is expected
 
 
 def test_module_defaults_are_the_config_defaults():

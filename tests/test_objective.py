@@ -12,12 +12,13 @@ from pixssl_jax import config_files
 from pixssl_jax import losses
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
+from pixssl_jax.train import config_upgrade
 from pixssl_jax.train.objective import stabilized_prediction
 from pixssl_jax.train.objective import pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
             pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=16, stabilizer_hidden=32,
-            stabilizer_dropout=0.2, head_norm='batch')
+            stabilizer_dropout=0.2, head_norm='batch', pixel_norm='group', layers='auto')
 PATCH = 16  # pixel grid 4x4 at stride 4
 DIAGNOSTICS = {'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
                'pixel_effective_rank'}
@@ -215,9 +216,10 @@ def test_diagnostics_of_the_step():
 
 def test_method_configs_without_scale_fields_keep_the_absolute_forms():
   """A config written before `weighting_scale` existed: absolute 'exp' with its `tau`."""
-  old = _cfg(tau=2e-3)
-  del old['weighting_scale'], old['tau_absolute']
-  loss_old, _ = _loss(old)
+  old = config_files.load('pretrain', 'demo')
+  old.method = _cfg(tau=2e-3)
+  del old.method['weighting_scale'], old.method['tau_absolute']
+  loss_old, _ = _loss(config_upgrade.upgrade(old).method)
   loss_abs, _ = _loss(_cfg(weighting_scale='absolute', tau_absolute=2e-3))
   assert float(loss_old) == pytest.approx(float(loss_abs), rel=1e-6)
 

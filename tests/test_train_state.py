@@ -47,11 +47,10 @@ def test_base_momentum_is_byol_for_long_runs_and_lowered_for_short_ones():
   assert pretrain.base_ema_momentum(cfg, 20_000) == 0.996  # BYOL's m0 already leaves e^-40
   short = pretrain.base_ema_momentum(cfg, 300)
   assert short == pytest.approx(pretrain.derived_ema_momentum(300, 1e-3)) and short < 0.96
-  # With the share 0 or None, or absent from an older config, m0 is ema_momentum.
+  # With the share 0 or None, m0 is ema_momentum.
   for off in (0.0, None):
     assert pretrain.base_ema_momentum(_optim(ema_momentum=0.996, ema_final_init_share=off),
                                        300) == 0.996
-  assert pretrain.base_ema_momentum(_optim(ema_momentum=0.996), 300) == 0.996
   with pytest.raises(ValueError, match='ema_final_init_share'):
     pretrain.derived_ema_momentum(300, 1.5)
 
@@ -66,7 +65,8 @@ def test_ema_update_by_hand():
 
 def _optim(**overrides):
   cfg = ml_collections.ConfigDict(dict(name='adamw', learning_rate=0.1, warmup_steps=4,
-                                       weight_decay=0.0, grad_clip=0.0, ema_momentum=0.99))
+                                       weight_decay=0.0, grad_clip=0.0, ema_momentum=0.99,
+                                       ema_final_init_share=0.0))
   cfg.update(overrides)
   return cfg
 

@@ -20,6 +20,7 @@ from etils import epath
 from pixssl_jax.data import case_store
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
+from pixssl_jax.train import config_upgrade
 from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import optimizers
@@ -88,9 +89,10 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{workdir}: no config.json; is this a pixssl_jax workdir? '
                             '(python -m pixssl_jax.main writes it at the start of a run)')
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from e
+  return config_upgrade.upgrade(config)
 
 
 def _read_only_manager(workdir) -> ocp.CheckpointManager:

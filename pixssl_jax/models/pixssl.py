@@ -216,16 +216,13 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       proj_hidden=int(model_cfg.proj_hidden),
       proj_dim=int(model_cfg.proj_dim),
       pixel_level=int(model_cfg.pixel_level),
-      # Configs written before the field existed read the pixel_level grid only.
-      pixel_hypercolumn=bool(model_cfg.get('pixel_hypercolumn', False)),
+      pixel_hypercolumn=bool(model_cfg.pixel_hypercolumn),
       pixel_proj_dim=int(model_cfg.pixel_proj_dim),
       stabilizer_hidden=int(model_cfg.stabilizer_hidden),
       stabilizer_dropout=float(model_cfg.stabilizer_dropout),
       head_norm=str(model_cfg.head_norm),
-      # Configs written before the field existed used GroupNorm.
-      pixel_norm=str(model_cfg.get('pixel_norm', 'group')),
-      # Configs written before the field existed: 'auto'.
-      layers=layer_set(model_cfg.get('layers', 'auto')))
+      pixel_norm=str(model_cfg.pixel_norm),
+      layers=layer_set(model_cfg.layers))
   _validate(model)
   return model
 

@@ -95,7 +95,7 @@ def build_segmentation_model(model_cfg: ml_collections.ConfigDict, ndim: int,
                      f'[0, {len(features) - 1}] for features={features}')
   if not 0.0 <= float(model_cfg.head_dropout) < 1.0:
     raise ValueError(f'model.head_dropout={model_cfg.head_dropout} must be in [0, 1)')
-  layers = layer_set(model_cfg.get('layers', 'auto'))  # Older configs lack the field: 'auto'.
+  layers = layer_set(model_cfg.layers)
   if num_classes < 2:
     raise ValueError(f'a segmentation needs at least 2 classes (background + one), got '
                      f'{num_classes}')

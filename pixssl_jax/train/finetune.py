@@ -147,7 +147,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if config.linear_probe:
     labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
     return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
-  scale = float(config.optim.get('backbone_lr_scale', 1.0))
+  scale = float(config.optim.backbone_lr_scale)
   if scale == 1.0:
     return tx
   # One global-norm clip over all gradients, as at scale 1; then a rate per group.
@@ -247,7 +247,7 @@ def _loader(store, config, train_ids):
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       foreground_prob=config.data.foreground_prob, flip=config.data.flip,
-      worker_count=config.data.worker_count, label_slices=config.get('label_slices', 0)))
+      worker_count=config.data.worker_count, label_slices=config.label_slices))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -269,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_data_mesh()
   tx = make_optimizer(config)
   described, train_ids = label_split(store, config.label_fraction, config.seed,
-                                     count=config.get('label_count', 0))
+                                     count=config.label_count)
   print_fn(f'Fine-tuning on {len(train_ids)} labelled case(s) ({described}, label_fraction '
            f'{config.label_fraction}); validating on {len(store.split("val"))} case(s)'
            + ('; linear probe: backbone frozen, head on decoder level '

@@ -25,6 +25,7 @@ from flax import traverse_util
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
+from pixssl_jax.train import config_upgrade
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import optimizers
 from pixssl_jax.train import pretrain
@@ -52,7 +53,7 @@ def read_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
     raise config_checks.ConfigError(
         f"config.pretrained_workdir: {path} is from a {config.get('mode')!r} run, not "
         "'pretrain'")
-  return config
+  return config_upgrade.upgrade(config)
 
 
 def restore_student_params(workdir: str, step: int | None = None) -> tuple[Any, int]:

@@ -27,9 +27,7 @@ def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
   return default_dataset.ensure_phantom_store(
       cache_root=data_cfg.cache_dir, num_cases=data_cfg.num_phantoms,
       seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale,
-      # Configs written before the field existed used the default grid.
-      spacing=tuple(data_cfg.get('phantom_spacing', default_dataset.DEFAULT_SPACING)),
-      family=data_cfg.get('phantom_family', 'basic'))
+      spacing=tuple(data_cfg.phantom_spacing), family=data_cfg.phantom_family)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -173,7 +173,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   if method_cfg.weighting not in WEIGHTING_FORMS:
     raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, '
                      f'got {method_cfg.weighting!r}')
-  scale = _weighting_scale(method_cfg)
+  scale = method_cfg.weighting_scale
   if scale not in WEIGHTING_SCALES:
     raise ValueError(f'method.weighting_scale must be one of {WEIGHTING_SCALES}, '
                      f'got {scale!r}')
@@ -251,11 +251,6 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   return loss, metrics
 
 
-def _weighting_scale(method_cfg: ml_collections.ConfigDict) -> str:
-  # Configs written before the field existed used the absolute forms.
-  return str(method_cfg.get('weighting_scale', 'absolute'))
-
-
 def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
                           uncertainty: jnp.ndarray, *, step: jax.Array, num_steps: int,
                           method_cfg: ml_collections.ConfigDict, num_channels: int
@@ -272,11 +267,9 @@ def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
   Returns:
     `(loss, weights [2B, *G])` as `losses.uncertainty_weighting`.
   """
-  scale = _weighting_scale(method_cfg)
+  scale = method_cfg.weighting_scale
   relative = scale == 'relative'
-  # Absolute-scale configs written before `tau_absolute` existed kept it in `tau`.
-  tau = (method_cfg.tau if relative or 'tau_absolute' not in method_cfg
-         else method_cfg.tau_absolute)
+  tau = method_cfg.tau if relative else method_cfg.tau_absolute
   threshold = ramp_threshold(step, num_steps, float(method_cfg.threshold_start),
                              float(method_cfg.threshold_end))
   keep_fraction = (ramp_threshold(step, num_steps, float(method_cfg.threshold_keep_start),

@@ -102,11 +102,10 @@ def base_ema_momentum(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> f
   With `optim.ema_final_init_share` in (0, 1), m0 is the smaller of `optim.ema_momentum` and
   the m0 that leaves the teacher that share of its initialisation after `num_steps` steps
   (`derived_ema_momentum`); long runs keep BYOL's m0, short ones get a faster teacher. With it
-  0 (or None, or absent from configs written before the field existed), m0 is
-  `optim.ema_momentum`.
+  0 (or None), m0 is `optim.ema_momentum`.
   """
   m0 = float(optim_cfg.ema_momentum)
-  share = optim_cfg.get('ema_final_init_share', None)
+  share = optim_cfg.ema_final_init_share
   if not share:
     return m0
   return min(m0, derived_ema_momentum(num_steps, float(share)))
