@@ -17,13 +17,13 @@ is within 2, within 4); `all` = train_100; `sK` = K axial slices of one labelled
 evenly spaced over its labelled z-range (2-D only: a 3-D crop would see the unlabelled slices
 between them as background).
 
-Writes OUT/results.json (settings, per-arm summaries, paired differences against scratch with
-95% bootstrap intervals over volumes and seeds, per-organ Dice and HD95, the probes, every
-run), OUT/results.md (the same as Markdown tables) and OUT/dice_vs_budget.png. Each run keeps
+Writes OUT/results.json (settings, per-arm summaries, paired differences against scratch, and
+of each pre-trained arm against full, with 95% bootstrap intervals over volumes and seeds,
+per-organ Dice and HD95, the probes, every run), OUT/results.md (the same as Markdown tables) and OUT/dice_vs_budget.png. Each run keeps
 its `result.json` (and the evaluation's `metrics.json`) in its folder; finished runs are
 skipped when the command is repeated with the same --out, so an interrupted benchmark resumes
-and more arms, budgets or seeds can be added later. The statistics are in
-benchmarks/low_label_stats.py.
+and more arms, budgets or seeds can be added later; `--report_only` runs nothing and reports
+the finished runs of the selection. The statistics are in benchmarks/low_label_stats.py.
 
 Two sizes. The default (CPU, 2-D): a dedicated phantom store of 40 cases on a 3 x 3 x 4 mm grid
 (24 train_100, 8 val, 8 test), 64 x 64 patches, the demo widths; scratch and full, budgets s8
@@ -423,6 +423,8 @@ def parse_args(argv=None):
   parser.add_argument('--quick', action='store_true',
                       help='smoke run: tiny widths, a few steps, 1 seed, scratch + full, budget 1')
   parser.add_argument('--verbose', action='store_true', help="print the runs' own progress")
+  parser.add_argument('--report_only', action='store_true',
+                      help='run nothing: report the finished runs of this selection')
   args = parser.parse_args(argv)
   size = {**SIZES['gpu_3d' if args.ndim == 3 else 'cpu_2d'], **(QUICK if args.quick else {})}
   for name in ('arms', 'budgets', 'pretrain_seeds', 'finetune_seeds', 'probe_arms',
@@ -496,6 +498,9 @@ def main(argv=None):
       if job['kind'] == 'finetune' and 'val_dice' not in result:  # Scored before it was kept.
         result['val_dice'] = final_val_dice(bench.job_dir(job) / 'run')
       note = 'done before, skipped'
+    elif args.report_only:
+      print(f'[{i + 1}/{len(jobs)}] {job_name(job)}: not run (--report_only)', flush=True)
+      continue
     else:
       result = bench.run(job, inner)
       timed.setdefault(job['kind'], []).append(result['seconds'])
