@@ -142,14 +142,15 @@ FIELD_RANGES = {
     'eval.val_max_cases': _number(0),
 }
 
-_MISSING = object()
+MISSING = object()  # What `field_at` returns for a field the config does not have.
 
 
-def _field(config: ml_collections.ConfigDict, path: str) -> Any:
+def field_at(config: ml_collections.ConfigDict, path: str) -> Any:
+  """The value of the dotted field `path` ('optim.learning_rate'), or MISSING."""
   node = config
   for name in path.split('.'):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
-      return _MISSING
+      return MISSING
     node = node[name]
   return node
 
@@ -158,11 +159,11 @@ def range_problems(config: ml_collections.ConfigDict) -> list[str]:
   """One message per field of `FIELD_RANGES` whose value is out of its range."""
   problems = []
   for path, (ok, rule) in FIELD_RANGES.items():
-    value = _field(config, path)
-    if value is not _MISSING and not ok(value):
+    value = field_at(config, path)
+    if value is not MISSING and not ok(value):
       problems.append(f'config.{path}={value!r}: {rule}.')
-  spacing = _field(config, 'data.phantom_spacing')
-  if spacing is not _MISSING and not (len(spacing) == 3 and all(
+  spacing = field_at(config, 'data.phantom_spacing')
+  if spacing is not MISSING and not (len(spacing) == 3 and all(
       _POSITIVE[0](v) for v in spacing)):
     problems.append(f'config.data.phantom_spacing={tuple(spacing)}: must be three spacings > 0 '
                     '(mm).')

@@ -9,6 +9,7 @@ scattered through the code.
 import ml_collections
 
 from pixssl_jax.data import default_dataset
+from pixssl_jax.train import config_checks
 
 _PRETRAIN, _FINETUNE = 'pretrain', 'finetune'
 
@@ -46,12 +47,8 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for path, value, files in ADDED_FIELDS:
     if kind not in files:
       continue
-    *parents, leaf = path.split('.')
-    node = config
-    for name in parents:
-      node = node.get(name)
-      if node is None:
-        break
-    if node is not None and leaf not in node:
+    parent, _, leaf = path.rpartition('.')
+    node = config_checks.field_at(config, parent) if parent else config
+    if node is not config_checks.MISSING and leaf not in node:
       node[leaf] = value
   return config
