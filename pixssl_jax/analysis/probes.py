@@ -205,6 +205,8 @@ class UncertaintyAgreement:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+  # Not losses.spearman: that one subsamples to a fixed cell budget and ranks without tie
+  # averaging, to stay cheap inside the jitted step; here every held-out cell counts.
   if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return 0.0
   return float(stats.spearmanr(x, y).statistic)
