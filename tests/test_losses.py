@@ -320,6 +320,36 @@ def test_spearman_by_hand():
   assert float(losses.spearman(jnp.zeros((3, 50)), y, valid)) == 0.0
 
 
+def test_uncertainty_calibration_is_one_minus_the_correlation_of_log_u_and_d():
+  rng = np.random.default_rng(0)
+  d = rng.random((4, 30)).astype(np.float32)
+  valid = rng.random((4, 30)) > 0.2
+  u = (1e-3 * np.exp(2 * d)).astype(np.float32)
+  loss = float(losses.uncertainty_calibration(jnp.asarray(u), jnp.asarray(d), valid))
+  # Pearson's correlation of log u with the rank of d among the valid cells.
+  x = np.log(u + 0.1 * u[valid].mean())[valid]
+  rank_d = np.argsort(np.argsort(d[valid]))
+  assert loss == pytest.approx(1 - np.corrcoef(x, rank_d)[0, 1], abs=1e-5)
+  assert loss < 0.05  # u rises with d: ordered alike.
+  # Scale-free: the size of u does not matter, only its order; reversed order costs ~2.
+  assert float(losses.uncertainty_calibration(jnp.asarray(u * 1e3), jnp.asarray(d), valid)
+               ) == pytest.approx(loss, abs=1e-5)
+  assert float(losses.uncertainty_calibration(jnp.asarray(1 / u), jnp.asarray(d), valid)) > 1.99
+  # From a u unrelated to d, the gradient raises u where d is high and lowers it where d is
+  # low; d gets none.
+  u_noise = (1e-3 * (1 + 0.1 * rng.random((4, 30)))).astype(np.float32)
+  g_u, g_d = jax.grad(losses.uncertainty_calibration, argnums=(0, 1))(
+      jnp.asarray(u_noise), jnp.asarray(d), valid)
+  g_u = np.asarray(g_u)
+  assert np.corrcoef(-g_u[valid], d[valid])[0, 1] > 0.8
+  assert np.all(g_u[~valid] == 0) and np.all(np.asarray(g_d) == 0)
+  # Nothing to order (u all 0, or no valid cell): 1, with finite zero gradients.
+  for u_, v_ in ((np.zeros_like(u), valid), (u, np.zeros_like(valid))):
+    value, grad = jax.value_and_grad(losses.uncertainty_calibration)(
+        jnp.asarray(u_), jnp.asarray(d), v_)
+    assert float(value) == 1.0 and np.all(np.asarray(grad) == 0)
+
+
 def test_valid_ranks_ignore_invalid_entries():
   x = jnp.array([5.0, -1.0, 3.0, 0.0])
   ranks = losses.valid_ranks(x, jnp.array([True, False, True, True]))

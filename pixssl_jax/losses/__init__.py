@@ -13,6 +13,7 @@ from pixssl_jax.losses.uncertainty import mc_dropout_statistics
 from pixssl_jax.losses.uncertainty import mean_over_samples
 from pixssl_jax.losses.uncertainty import ramp_threshold
 from pixssl_jax.losses.uncertainty import spearman
+from pixssl_jax.losses.uncertainty import uncertainty_calibration
 from pixssl_jax.losses.uncertainty import uncertainty_weighting
 from pixssl_jax.losses.uncertainty import valid_ranks
 from pixssl_jax.losses.uncertainty import weight_statistics
@@ -35,6 +36,7 @@ __all__ = [
     'mean_over_samples',
     'ramp_threshold',
     'spearman',
+    'uncertainty_calibration',
     'uncertainty_weighting',
     'valid_ranks',
     'variance_covariance',

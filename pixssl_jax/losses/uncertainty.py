@@ -192,6 +192,51 @@ def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
   return _safe_ratio(jnp.sum(mask * d), jnp.sum(mask)), mask
 
 
+# The calibration term compares log u with d; u is offset by this fraction of its valid mean
+# first, so a cell whose u is 0 (a hidden layer the ReLU zeroes) gets a finite log and gradient
+# at any scale of u.
+CALIBRATION_OFFSET = 0.1
+
+
+def uncertainty_calibration(uncertainty: jnp.ndarray, discrepancy: jnp.ndarray,
+                            valid: jnp.ndarray) -> jnp.ndarray:
+  """How badly the uncertainty ranks the pixels by their discrepancy: 1 - Pearson correlation.
+
+  `L = 1 - corr_m(log(u + CALIBRATION_OFFSET mean_m u), rank_m(d))` over the valid cells `m`,
+  in [0, 2], with `rank_m(d)` the ordinal rank of `d` among them. The discrepancy is a target
+  (no gradient); only `u` learns. The correlation is unchanged when
+  `u` is scaled, so the term asks the uncertainty to order the pixels as the discrepancy does,
+  not to match its size: the MC-dropout spread can stay small, and with it the noise in the
+  stabilizer's mean prediction. The relative `exp` weighting reads `u` the same scale-free way.
+
+  Args:
+    uncertainty: `[...]` per-pixel `u >= 0` (differentiable).
+    discrepancy: `[...]` per-pixel `d`.
+    valid: `[...]` bool or {0,1} mask.
+
+  Returns:
+    float32 scalar; 1 (no signal either way) with fewer than two valid cells or a constant
+    `u` or `d`.
+  """
+  mask = valid.astype(jnp.float32)
+  u = uncertainty.astype(jnp.float32)
+  # The target is the rank of d among the valid cells, so a few pixels of very large d cannot
+  # dominate the correlation, and the term asks for what Spearman(u, d) measures.
+  d = valid_ranks(jax.lax.stop_gradient(discrepancy), mask > 0).astype(jnp.float32)
+  u_mean, _ = _masked_mean_std(jax.lax.stop_gradient(u), mask)
+  # u >= 0, so a zero mean means every valid u is 0: log(u + 1) is then a constant 0.
+  log_u = jnp.log(u + jnp.where(u_mean > 0, CALIBRATION_OFFSET * u_mean, 1.0))
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  x = mask * (log_u - jnp.sum(mask * log_u) / n)
+  y = mask * (d - jnp.sum(mask * d) / n)
+  var_x, var_y = jnp.sum(jnp.square(x)) / n, jnp.sum(jnp.square(y)) / n
+  # Below these variances u or d is constant up to rounding: no order to learn. The square root
+  # is taken only where positive, since its gradient at 0 would turn into NaN.
+  ordered = (var_x > 1e-10) & (var_y > 1e-10)
+  norm = jnp.sqrt(jnp.where(ordered, var_x * var_y, 1.0))
+  return 1.0 - jnp.where(ordered, jnp.sum(x * y) / n / norm, 0.0)
+
+
 def weighted_pixel_loss(discrepancy: jnp.ndarray, valid: jnp.ndarray, uncertainty: jnp.ndarray,
                         **kwargs) -> jnp.ndarray:
   """The loss of `uncertainty_weighting` alone (same arguments)."""
