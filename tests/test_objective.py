@@ -22,7 +22,7 @@ TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32,
 PATCH = 16  # pixel grid 4x4 at stride 4
 DIAGNOSTICS = {'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
                'pixel_effective_rank'}
-METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance',
+METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance', 'loss_calibration',
            'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction', 'projection_std'
            } | DIAGNOSTICS
 
@@ -80,8 +80,9 @@ def test_full_loss_and_metrics(full):
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert float(loss) == pytest.approx(
       2.0 * float(metrics['loss_global']) + 0.5 * float(metrics['loss_pixel'])
-      + 1.0 * float(metrics['loss_variance']) + 0.04 * float(metrics['loss_covariance']),
-      rel=1e-6)
+      + 1.0 * float(metrics['loss_variance']) + 0.04 * float(metrics['loss_covariance'])
+      + 1.0 * float(metrics['loss_calibration']), rel=1e-6)
+  assert 0.0 < float(metrics['loss_calibration']) < 2.0
   # Overlaps 3/4 * 2/4 and 4/4 * 3/4 cells, the same in both directions.
   assert float(metrics['overlap_fraction']) == pytest.approx((0.375 + 0.75) / 2)
   assert 0 < float(metrics['uncertainty_mean']) <= float(metrics['uncertainty_p90']) < 1 / 16
@@ -95,8 +96,8 @@ def test_each_ablation_switch_removes_exactly_its_term(full):
   _, m = full
   loss_p, mp = _loss(_cfg(use_global=False))
   assert float(loss_p) == pytest.approx(
-      0.5 * float(m['loss_pixel']) + float(m['loss_variance']) + 0.04 * float(m['loss_covariance']),
-      rel=1e-6)
+      0.5 * float(m['loss_pixel']) + float(m['loss_variance']) + 0.04 * float(m['loss_covariance'])
+      + float(m['loss_calibration']), rel=1e-6)
   assert float(mp['loss_global']) == 0.0
   loss_g, mg = _loss(_cfg(use_pixel=False))
   # The anti-collapse terms stay: global_only differs from the full method in one term.
@@ -104,12 +105,14 @@ def test_each_ablation_switch_removes_exactly_its_term(full):
       2.0 * float(m['loss_global']) + float(m['loss_variance'])
       + 0.04 * float(m['loss_covariance']), rel=1e-6)
   assert float(mg['loss_pixel']) == 0.0 and float(mg['overlap_fraction']) == 0.0
+  assert float(mg['loss_calibration']) == 0.0
   assert float(mg['loss_variance']) == float(m['loss_variance'])
   assert float(mg['loss_covariance']) == float(m['loss_covariance'])
   assert all(float(mg[name]) == 0.0 for name in DIAGNOSTICS)
   loss_s, ms = _loss(_cfg(lambda_variance=0.0, lambda_covariance=0.0))
   assert float(loss_s) == pytest.approx(
-      2.0 * float(m['loss_global']) + 0.5 * float(m['loss_pixel']), rel=1e-6)
+      2.0 * float(m['loss_global']) + 0.5 * float(m['loss_pixel'])
+      + float(m['loss_calibration']), rel=1e-6)
   assert float(ms['loss_variance']) == 0.0 and float(ms['loss_covariance']) == 0.0
   with pytest.raises(ValueError, match='nothing to train'):
     _loss(_cfg(use_global=False, use_pixel=False))
@@ -156,6 +159,35 @@ def test_gradients_reach_the_student_only():
   for name in ('backbone', 'projector', 'predictor', 'pixel_projector', 'stabilizer'):
     norms = [float(jnp.linalg.norm(x)) for x in jax.tree_util.tree_leaves(g_student[name])]
     assert all(np.isfinite(norms)) and sum(norms) > 0, name
+
+
+def test_calibration_trains_the_stabilizer_only():
+  model, params, ema, batch = _setup()
+
+  def grads(cfg):
+    f = functools.partial(pretrain_loss, batch=batch, key=jax.random.key(3), step=0,
+                          model=model, method_cfg=cfg, num_steps=10)
+    return jax.grad(lambda p: f(p, ema)[0])(params)
+
+  plain, calibrated = grads(_cfg(lambda_calibration=0.0)), grads(_cfg(lambda_calibration=1.0))
+  # The backbone and the projectors see exactly the gradient they see without the term ...
+  for name in ('backbone', 'projector', 'predictor', 'pixel_projector'):
+    for a, b in zip(jax.tree_util.tree_leaves(plain[name]),
+                    jax.tree_util.tree_leaves(calibrated[name])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # ... while the stabilizer gets the term's gradient on top.
+  diff = sum(float(jnp.linalg.norm(a - b)) for a, b in zip(
+      jax.tree_util.tree_leaves(plain['stabilizer']),
+      jax.tree_util.tree_leaves(calibrated['stabilizer'])))
+  assert diff > 1e-4
+  loss, m = _loss(_cfg(lambda_calibration=0.5))
+  _, plain_m = _loss(_cfg(lambda_calibration=0.0))
+  assert 0.0 < float(m['loss_calibration']) < 2.0 and float(plain_m['loss_calibration']) == 0.0
+  assert float(loss) == pytest.approx(float(plain_m['loss'])
+                                      + 0.5 * float(m['loss_calibration']), rel=1e-6)
+  # Without an MC-dropout uncertainty there is nothing to calibrate: the term is absent.
+  _, one_sample = _loss(_cfg(lambda_calibration=1.0, mc_samples=1))
+  assert float(one_sample['loss_calibration']) == 0.0
 
 
 @pytest.mark.parametrize('overrides', [

@@ -124,6 +124,7 @@ FIELD_RANGES = {
     'method.lambda_pixel': _NON_NEGATIVE,
     'method.lambda_variance': _NON_NEGATIVE,
     'method.lambda_covariance': _NON_NEGATIVE,
+    'method.lambda_calibration': _NON_NEGATIVE,
     'method.match': _choice(MATCH_MODES),
     'method.match_distance': _POSITIVE,
     'optim.name': _choice(OPTIMIZERS),
@@ -134,6 +135,7 @@ FIELD_RANGES = {
     'optim.ema_momentum': _FRACTION,
     'optim.ema_final_init_share': _FRACTION,  # 0: m0 = ema_momentum whatever the run length.
     'optim.backbone_lr_scale': _NON_NEGATIVE,  # 0: the backbone is not updated.
+    'optim.head_warmup_steps': _NON_NEGATIVE,
     'loss.dice_weight': _NON_NEGATIVE,
     'loss.ce_weight': _NON_NEGATIVE,
     'eval.overlap': _FRACTION,

@@ -21,8 +21,10 @@ ADDED_FIELDS = (
     ('model.pixel_hypercolumn', False, (_PRETRAIN,)),
     ('model.pixel_norm', 'group', (_PRETRAIN,)),
     ('method.weighting_scale', 'absolute', (_PRETRAIN,)),
+    ('method.lambda_calibration', 0.0, (_PRETRAIN,)),
     ('optim.ema_final_init_share', 0.0, (_PRETRAIN,)),
     ('optim.backbone_lr_scale', 1.0, (_FINETUNE,)),
+    ('optim.head_warmup_steps', 0, (_FINETUNE,)),
     ('label_count', 0, (_FINETUNE,)),
     ('label_slices', 0, (_FINETUNE,)),
 )

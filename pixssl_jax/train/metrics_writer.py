@@ -97,7 +97,8 @@ class MetricsWriter:
       parts += [f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
                 f"pixel {get('loss_pixel'):.4f}, var {get('loss_variance'):.4f}, "
                 f"cov {get('loss_covariance'):.4f})",
-                f"uncertainty {get('uncertainty_mean'):.2e}"]
+                f"uncertainty {get('uncertainty_mean'):.2e}"
+                f" (Spearman with d {get('uncertainty_spearman'):+.2f})"]
     elif has('dice_loss', 'ce_loss'):  # Fine-tuning.
       parts.append(f"loss {get('loss'):.4f} (dice {get('dice_loss'):.4f}, "
                    f"ce {get('ce_loss'):.4f})")

@@ -21,6 +21,7 @@ from pixssl_jax.losses import mc_dropout_statistics
 from pixssl_jax.losses import mean_over_samples
 from pixssl_jax.losses import ramp_threshold
 from pixssl_jax.losses import spearman
+from pixssl_jax.losses import uncertainty_calibration
 from pixssl_jax.losses import variance_covariance
 from pixssl_jax.losses import weight_statistics
 from pixssl_jax.losses import WEIGHTING_FORMS
@@ -40,7 +41,7 @@ PIXEL_DIAGNOSTICS = ('weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_sp
 
 def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
                            model: PixSSLModel, mc_samples: int,
-                           differentiate_uncertainty: bool = False
+                           uncertainty_gradient: str = 'none'
                            ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Runs the stabilizer K times with independent dropout keys; returns (mean, uncertainty).
 
@@ -48,8 +49,8 @@ def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
   only the dropout masks are drawn per key, as one vmap over the K keys. The last layer is
   affine, so the mean of the K outputs equals the last layer applied to the mean of the K
   dropped hidden layers: the prediction (and its gradient) costs one pass, not K. The K outputs
-  themselves are needed only for the uncertainty; unless the weighting differentiates through
-  it (`kendall`), they get no backward pass.
+  themselves are needed only for the uncertainty; they get a backward pass only when a loss
+  differentiates through it (`uncertainty_gradient`).
 
   Args:
     params: student params.
@@ -57,7 +58,8 @@ def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
     key: dropout key; sample k uses `split(key, K)[k]`.
     model: the module (static).
     mc_samples: K.
-    differentiate_uncertainty: let gradients flow through the uncertainty.
+    uncertainty_gradient: where gradients of the uncertainty flow: 'none'; 'stabilizer' (its
+      parameters only, not the backbone: the calibration term); 'all' (`kendall`).
 
   Returns:
     `(mean [N, *G, Cp], uncertainty [N, *G])`; the uncertainty is 0 without MC dropout.
@@ -76,13 +78,32 @@ def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
   # pass (XLA's CPU reductions over a leading axis are slow; see `mean_over_samples`).
   mean = model.apply(variables, hidden * mean_over_samples(scales),
                      method=PixSSLModel.stabilizer_output)
-  if not differentiate_uncertainty:
+  if uncertainty_gradient == 'stabilizer':
+    # The same hidden layer, recomputed from a constant input: the uncertainty's gradient
+    # reaches the stabilizer's weights but not the features the backbone learns.
+    hidden = model.apply(variables, jax.lax.stop_gradient(pixel_proj),
+                         method=PixSSLModel.stabilizer_hidden_layer)
+  elif uncertainty_gradient == 'none':
     hidden = jax.lax.stop_gradient(hidden)
   samples = model.apply(variables, hidden[None] * scales, method=PixSSLModel.stabilizer_output)
-  if not differentiate_uncertainty:
+  if uncertainty_gradient == 'none':
     samples = jax.lax.stop_gradient(samples)
   _, uncertainty = mc_dropout_statistics(samples)
   return mean, uncertainty
+
+
+def calibrates_uncertainty(method_cfg: ml_collections.ConfigDict, model: PixSSLModel) -> bool:
+  """Whether the calibration term is on: it needs a weight and an MC-dropout uncertainty."""
+  return (float(method_cfg.lambda_calibration) > 0 and bool(method_cfg.use_pixel)
+          and bool(method_cfg.use_stabilizer) and int(method_cfg.mc_samples) > 1
+          and model.stabilizer_dropout > 0)
+
+
+def uncertainty_gradient(method_cfg: ml_collections.ConfigDict, model: PixSSLModel) -> str:
+  """Which gradients of `u` the configured losses need (`stabilized_prediction`)."""
+  if method_cfg.weighting == 'kendall':
+    return 'all'
+  return 'stabilizer' if calibrates_uncertainty(method_cfg, model) else 'none'
 
 
 def pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray,
@@ -106,7 +127,7 @@ def pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray
   if method_cfg.use_stabilizer:
     pred_pix, uncertainty = stabilized_prediction(
         params, student_pix, key, model=model, mc_samples=int(method_cfg.mc_samples),
-        differentiate_uncertainty=method_cfg.weighting == 'kendall')
+        uncertainty_gradient=uncertainty_gradient(method_cfg, model))
   else:
     pred_pix = student_pix
     uncertainty = jnp.zeros(student_pix.shape[:-1], jnp.float32)
@@ -161,7 +182,7 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   Returns:
     `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
-    loss_pixel, loss_variance, loss_covariance, uncertainty_mean, uncertainty_p90,
+    loss_pixel, loss_variance, loss_covariance, loss_calibration, uncertainty_mean, uncertainty_p90,
     overlap_fraction, projection_std` and `PIXEL_DIAGNOSTICS` (a disabled term's metrics are
     0). Uncertainty and weight statistics are over valid (matched) cells.
   """
@@ -200,7 +221,8 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
   projection_std = jnp.mean(jnp.std(
       l2_normalize(jax.lax.stop_gradient(student['global_proj'])), axis=0))
 
-  loss_pixel, u_mean, u_p90, overlap = zero, zero, zero, zero
+  loss_pixel, loss_calibration, u_mean, u_p90, overlap = zero, zero, zero, zero, zero
+  calibrate = calibrates_uncertainty(method_cfg, model)
   loss_variance, loss_covariance = zero, zero
   diagnostics = {name: zero for name in PIXEL_DIAGNOSTICS}
   spread_weights = (float(method_cfg.lambda_variance), float(method_cfg.lambda_covariance))
@@ -213,6 +235,8 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     loss_pixel, weights = uncertainty_weighting(
         discrepancy, valid, uncertainty, step=step, num_steps=num_steps, method_cfg=method_cfg,
         num_channels=model.pixel_proj_dim)
+    if calibrate:
+      loss_calibration = uncertainty_calibration(uncertainty, discrepancy, valid)
 
     u_const = jax.lax.stop_gradient(uncertainty)
     n_valid = jnp.sum(valid)
@@ -236,12 +260,15 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
     loss = loss + float(method_cfg.lambda_global) * loss_global
   if use_pixel:
     loss = loss + float(method_cfg.lambda_pixel) * loss_pixel
+    if calibrate:
+      loss = loss + float(method_cfg.lambda_calibration) * loss_calibration
   metrics = {
       'loss': loss,
       'loss_global': loss_global,
       'loss_pixel': loss_pixel,
       'loss_variance': loss_variance,
       'loss_covariance': loss_covariance,
+      'loss_calibration': loss_calibration,
       'uncertainty_mean': u_mean,
       'uncertainty_p90': u_p90,
       'overlap_fraction': overlap,
