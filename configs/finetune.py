@@ -70,6 +70,9 @@ def _optim_config() -> ml_collections.ConfigDict:
   # The backbone's rate is learning_rate times this; the head's is learning_rate. Below 1 a
   # fine-tuning moves pre-trained weights less (docs/evaluation.md, learning rates).
   optim.backbone_lr_scale = 1.0
+  # Head warm-up: the backbone is held for this many first steps while the new head adapts to
+  # its features, then trains on its own warm-up and cosine over the remaining steps; 0: off.
+  optim.head_warmup_steps = 0
   return optim
 
 

@@ -13,6 +13,7 @@ from pixssl_jax.models import segmentation
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import finetune
 from pixssl_jax.train import load_pretrained
+from pixssl_jax.train import optimizers
 from tests.helpers import load_config
 
 
@@ -73,6 +74,35 @@ def test_backbone_lr_scale_scales_only_the_backbone_updates():
       np.testing.assert_allclose(leaf, expected, rtol=1e-5)
   assert all(not np.any(leaf) for leaf in jax.tree.leaves(frozen['backbone']))
   np.testing.assert_array_equal(frozen['seg_head']['kernel'], full['seg_head']['kernel'])
+
+
+def test_head_warmup_holds_the_backbone_then_starts_its_schedule():
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  config = config_files.load('finetune', 'tiny')
+  config.num_steps, config.optim.warmup_steps = 10, 2
+  config.optim.head_warmup_steps = 4
+  tx = finetune.make_optimizer(config)
+  state = tx.init(params)
+  plain = finetune.make_optimizer(config_files.load('finetune', 'tiny'))
+  backbone = []
+  for step in range(6):
+    updates, state = tx.update(grads, state, params)
+    backbone.append(max(float(np.abs(x).max()) for x in jax.tree.leaves(updates['backbone'])))
+    if step == 0:  # The head trains from the first step, as without the warm-up.
+      head_update, _ = plain.update(grads, plain.init(params), params)
+      np.testing.assert_allclose(updates['seg_head']['kernel'],
+                                 head_update['seg_head']['kernel'], rtol=1e-6)
+  assert backbone[:4] == [0.0] * 4
+  # Step 4 is the backbone's first: Adam's first step on its own warm-up (rate peak / 2 on a
+  # 2-step warm-up of the 6 remaining steps), the same size as an optimizer started then.
+  unclipped = config.optim.copy_and_resolve_references()
+  unclipped.grad_clip = 0.0
+  fresh = optimizers.make_optimizer(unclipped, 6)
+  first, _ = fresh.update(grads['backbone'], fresh.init(params['backbone']), params['backbone'])
+  assert backbone[4] == pytest.approx(max(float(np.abs(x).max()) for x in jax.tree.leaves(first)),
+                                      rel=1e-5)
+  assert backbone[5] > backbone[4] > 0
 
 
 def test_merge_loads_the_backbone_and_leaves_the_head():

@@ -138,26 +138,33 @@ class SegState:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The pre-training optimizer family for the head and the backbone.
 
-  With `linear_probe` only the head is updated; otherwise the backbone trains at
-  `optim.backbone_lr_scale` times the head's rate (the same optimizer and schedule, its own
-  moments). Scale 1 (or a config without the field) is one optimizer over all parameters, the
-  optimizer state of fine-tuning runs written before the field existed.
+  With `linear_probe` only the head is updated. Otherwise the backbone trains at
+  `optim.backbone_lr_scale` times the head's rate (the same optimizer, its own moments), and
+  with `optim.head_warmup_steps` = N it is held for the first N steps while the new head
+  adapts, then runs its own warm-up and cosine over the remaining steps. Scale 1 and N = 0 (or
+  a config without the fields) is one optimizer over all parameters, the optimizer state of
+  fine-tuning runs written before the fields existed.
   """
   tx = optimizers.make_optimizer(config.optim, config.num_steps)
   if config.linear_probe:
     labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
     return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   scale = float(config.optim.backbone_lr_scale)
-  if scale == 1.0:
+  held = int(config.optim.head_warmup_steps)
+  if scale == 1.0 and held == 0:
     return tx
   # One global-norm clip over all gradients, as at scale 1; then a rate per group.
   unclipped = config.optim.copy_and_resolve_references()
   unclipped.grad_clip = 0.0
   backbone = unclipped.copy_and_resolve_references()
   backbone.learning_rate = unclipped.learning_rate * scale
+  if scale > 0 and held < config.num_steps:
+    backbone_tx = optimizers.make_optimizer(backbone, config.num_steps - held)
+    backbone_tx = optimizers.delayed(backbone_tx, held) if held else backbone_tx
+  else:
+    backbone_tx = optax.set_to_zero()
   groups = {'head': optimizers.make_optimizer(unclipped, config.num_steps),
-            'backbone': (optimizers.make_optimizer(backbone, config.num_steps) if scale > 0
-                         else optax.set_to_zero())}
+            'backbone': backbone_tx}
   labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
   grouped = optax.multi_transform(groups, labels)
   if config.optim.grad_clip > 0:

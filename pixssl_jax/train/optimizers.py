@@ -1,9 +1,10 @@
 """The optimizer (AdamW or LARS) and its learning-rate schedule, for pre-training and
 fine-tuning."""
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -42,3 +43,24 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict,
   if optim_cfg.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), base)
   return base
+
+
+class DelayedState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def delayed(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+  """`tx` held for the first `steps` updates: zero updates, and `tx`'s state (its step count,
+  moments) untouched, so afterwards `tx` runs as if it started then, schedule included."""
+  def init(params):
+    return DelayedState(jnp.zeros((), jnp.int32), tx.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = tx.update(updates, state.inner, params)
+    active = state.count >= steps
+    pick = lambda new, old: jnp.where(active, new, old)
+    return (jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates),
+            DelayedState(state.count + 1, jax.tree.map(pick, new_inner, state.inner)))
+
+  return optax.GradientTransformation(init, update)
