@@ -94,6 +94,8 @@ ARMS = {
     'no_uncertainty': Arm({'method.weighting': 'none'}),
     # The uncertainty learned as a predicted discrepancy (its gradient trains the stabilizer).
     'kendall': Arm({'method.weighting': 'kendall'}),
+    # The MC-dropout uncertainty left untrained: no calibration term.
+    'uncalibrated': Arm({'method.lambda_calibration': 0.0}),
     # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
     'no_mc': Arm({'method.mc_samples': 1}),
     # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
@@ -105,6 +107,9 @@ ARMS = {
     # head's rate, so it moves less from what pre-training learned.
     'full_backbone_lr_0.1': Arm({}, finetune={'optim.backbone_lr_scale': 0.1},
                                 pretrained_as='full'),
+    # ... or held for the first 200 steps (a fifth of the CPU default's fine-tuning) while the
+    # new head adapts.
+    'full_head_warmup': Arm({}, finetune={'optim.head_warmup_steps': 200}, pretrained_as='full'),
 }
 BASELINE = 'scratch'
 # Every pre-trained arm is also paired with it: an ablation's loss against the full method.
@@ -259,6 +264,22 @@ class Benchmark:
             'quick': bool(self.args.quick)}
 
   # Jobs.
+
+  def repeated_label_sets(self) -> list[str]:
+    """A line per budget at which several fine-tuning seeds draw the same labelled cases."""
+    notes = []
+    for budget in self.args.budgets:
+      drawn = {}
+      for seed in self.args.finetune_seeds:
+        _, cases = finetune.label_split(self.store, budget['label_fraction'], seed,
+                                        count=budget['label_count'])
+        drawn.setdefault(tuple(cases), []).append(seed)
+      for cases, seeds in drawn.items():
+        if len(seeds) > 1:
+          notes.append(f'fine-tuning seeds {", ".join(map(str, seeds))} draw the same labelled '
+                       f'cases at budget {budget["name"]} ({", ".join(cases)}): they repeat '
+                       'one labelled set, not independent ones')
+    return notes
 
   def pretrain_dir(self, arm: str, seed: int) -> pathlib.Path:
     return self.out / 'pretrain' / f'{arm}_p{seed}'
@@ -488,6 +509,8 @@ def main(argv=None):
   jobs = bench.jobs()
   print(f'Low-label benchmark: {len(jobs)} jobs into {out}; store {bench.store.data_dir}',
         flush=True)
+  for note in bench.repeated_label_sets():
+    print(f'Note: {note}', flush=True)
   inner = (lambda line: print('    ' + line, flush=True)) if args.verbose else (lambda line: None)
   timed: dict[str, list[float]] = {}
   results = []

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -236,6 +237,27 @@ def test_label_split_draws_label_count_cases_nested_across_counts():
   assert finetune.label_split(store, 0.1, seed=5, count=99)[1] == store.split('train_100')
   # Without a count, label_fraction as before: 0.1 is prepare's split.
   assert finetune.label_split(store, 0.1, seed=5) == ("split 'train_10'", ['c3'])
+
+
+def test_seeds_that_draw_the_same_labelled_cases_are_named():
+  from benchmarks import low_label
+
+  class Store:
+    def split(self, name):
+      return [f'c{i}' for i in range(10)]
+
+  seeds = list(range(8))
+  first = {seed: finetune.label_split(Store(), 1.0, seed, count=1)[1] for seed in seeds}
+  repeats = [s for s in seeds if list(first.values()).count(first[s]) > 1]
+  bench = types.SimpleNamespace(store=Store(), args=types.SimpleNamespace(
+      finetune_seeds=seeds, budgets=[stats.parse_budget('1'), stats.parse_budget('all')]))
+  notes = low_label.Benchmark.repeated_label_sets(bench)
+  # Budget 'all' is the same set for every seed; at budget 1, ten cases for eight seeds.
+  assert any(n.startswith(f'fine-tuning seeds {", ".join(map(str, seeds))} draw the same')
+             and 'budget all' in n for n in notes)
+  named = {int(s) for n in notes if 'budget 1 ' in n
+           for s in n.split(' draw')[0].removeprefix('fine-tuning seeds ').split(', ')}
+  assert named == set(repeats)
 
 
 @pytest.fixture(scope='module')
