@@ -1,18 +1,23 @@
 r"""Does the MC-dropout uncertainty predict the pixel discrepancy on held-out cases?
 
   python benchmarks/uncertainty_agreement.py WORKDIR [WORKDIR ...] [--split val] [--pairs 4] \
-      [--map_dir DIR]
+      [--mc_samples K] [--map_dir DIR] [--ridge]
 
 For every checkpoint of each pre-training workdir: Spearman(u, d) over the matched cells of
 `--pairs` augmented view pairs per case of `--split` (outside the `pretrain` split by default),
 with the student's stabilizer (`analysis.uncertainty_agreement`). With `--map_dir`, also the
 whole-slice uncertainty map of the split's first case (middle axial slice) at the last
-checkpoint, as DIR/uncertainty_map_<workdir name>.png. Numbers in docs/BENCHMARKS.md.
+checkpoint, as DIR/uncertainty_map_<workdir name>.png. With `--ridge`, also how well simple
+functions of one view rank the held-out discrepancy (`predictability`): what an uncertainty
+could reach. Numbers in docs/BENCHMARKS.md.
 """
 
 import argparse
 import pathlib
 import sys
+
+import numpy as np
+from scipy import stats
 
 # Runnable as `python benchmarks/uncertainty_agreement.py` from anywhere, without PYTHONPATH.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -20,26 +25,72 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pixssl_jax import analysis  # noqa: E402
 
 
-def agreement_by_step(workdir: str, split: str, pairs: int) -> list[tuple[int, float, int]]:
+def agreement_by_step(workdir: str, split: str, pairs: int, mc_samples: int | None
+                      ) -> list[tuple[int, float, int]]:
   """(step, pooled Spearman(u, d), matched cells) for every checkpoint of `workdir`."""
   rows = []
   for step in analysis.available_steps(workdir):
     run = analysis.load_run(workdir, step=step, which='student')
     cases = run.store().split(split)
     result = analysis.uncertainty_agreement(
-        [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3)
+        [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3,
+                                    mc_samples=mc_samples)
          for case in cases for seed in range(pairs)])
     rows.append((step, result.spearman, result.cells))
   return rows
 
 
-def save_map(workdir: str, split: str, out_dir: pathlib.Path) -> pathlib.Path:
+def _cells(pairs) -> dict[str, np.ndarray]:
+  """Per matched cell of each view: d, u, the student's pixel projection, the view's mean
+  intensity and gradient magnitude over the cell."""
+  out = {'d': [], 'u': [], 'features': [], 'intensity': [], 'gradient': []}
+  for pair in pairs:
+    for row, view in enumerate(pair.views):
+      s, valid = pair.stride, pair.overlap[row]
+      cells = lambda image: image.reshape(image.shape[0] // s, s, image.shape[1] // s, s
+                                          ).mean(axis=(1, 3))[valid]
+      gy, gx = np.gradient(view)
+      out['d'].append(pair.discrepancy[row][valid])
+      out['u'].append(pair.uncertainty[row][valid])
+      out['features'].append(pair.student_proj[row][valid])
+      out['intensity'].append(cells(view))
+      out['gradient'].append(cells(np.hypot(gx, gy)))
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def predictability(workdir: str, split: str, pairs: int, fit_cases: int = 16,
+                   ridge: float = 100.0) -> dict[str, float]:
+  """How well simple functions of view 1 rank the held-out d, at the last checkpoint.
+
+  A ridge regression of d on the standardised student pixel projection (the stabilizer's
+  input) is fitted on 2 view pairs of each of the first `fit_cases` cases of the `pretrain`
+  split and scored on the `split` pairs of `agreement_by_step`.
+  """
+  run = analysis.load_run(workdir, which='student')
+  draw = lambda cases, seeds: _cells(
+      [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3)
+       for case in cases for seed in range(seeds)])
+  fit = draw(run.store().split('pretrain')[:fit_cases], 2)
+  held = draw(run.store().split(split), pairs)
+  mean, std = fit['features'].mean(0), fit['features'].std(0) + 1e-6
+  design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+  a = design(fit['features'])
+  weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ fit['d'])
+  rho = lambda x: float(stats.spearmanr(x, held['d']).statistic)
+  return {'ridge on the pixel projection': rho(design(held['features']) @ weights),
+          'cell mean intensity': rho(held['intensity']),
+          'cell gradient magnitude': rho(held['gradient']),
+          'u': rho(held['u']), 'cells': float(len(held['d']))}
+
+
+def save_map(workdir: str, split: str, mc_samples: int | None, out_dir: pathlib.Path
+             ) -> pathlib.Path:
   run = analysis.load_run(workdir, which='student')
   case = run.store().split(split)[0]
   volume = analysis.load_volume(run, case)
   z = volume.image.shape[2] // 2
-  u = analysis.volume_uncertainty(run, volume, slices=[z], patch_size=(64, 64), overlap=0.25,
-                                  batch_size=16)
+  u = analysis.volume_uncertainty(run, volume, mc_samples=mc_samples, slices=[z],
+                                  patch_size=(64, 64), overlap=0.25, batch_size=16)
   figure = analysis.plot_uncertainty(volume.image[:, :, z], u[:, :, 0],
                                      spacing=volume.spacing[:2],
                                      title=f'{pathlib.Path(workdir).name} step {run.step}, {case}')
@@ -53,16 +104,25 @@ def main(argv=None):
   parser.add_argument('workdirs', nargs='+', help='pre-training workdirs')
   parser.add_argument('--split', default='val')
   parser.add_argument('--pairs', type=int, default=4, help='view pairs per case')
+  parser.add_argument('--mc_samples', type=int, default=None,
+                      help="dropout samples per estimate of u (default: the run's K)")
   parser.add_argument('--map_dir', default=None)
+  parser.add_argument('--ridge', action='store_true',
+                      help='also how well a ridge regression on the student pixel projection '
+                           '(fitted on pretrain-split pairs) and the image rank d')
   args = parser.parse_args(argv)
   for workdir in args.workdirs:
-    rows = agreement_by_step(workdir, args.split, args.pairs)
+    rows = agreement_by_step(workdir, args.split, args.pairs, args.mc_samples)
     print(f'{workdir}: held-out Spearman(u, d) by step: ' + ', '.join(
         f'{step}: {rho:.3f}' for step, rho, _ in rows) + f' ({rows[-1][2]} matched cells)')
+    if args.ridge:
+      scores = predictability(workdir, args.split, args.pairs)
+      print(f'  held-out Spearman with d at the last step ({scores.pop("cells"):.0f} cells): '
+            + ', '.join(f'{name} {rho:.3f}' for name, rho in scores.items()))
     if args.map_dir:
       out = pathlib.Path(args.map_dir)
       out.mkdir(parents=True, exist_ok=True)
-      print(f'  wrote {save_map(workdir, args.split, out)}')
+      print(f'  wrote {save_map(workdir, args.split, args.mc_samples, out)}')
 
 
 if __name__ == '__main__':
