@@ -23,7 +23,7 @@ from tests.helpers import load_config
 from tests.test_checkpointing import damage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_STEPS = 40
+NUM_STEPS = 20  # Long enough to kill at step 9 and SIGTERM at 6 mid-run.
 COMMAND_OVERRIDES = (f'--config.num_steps={NUM_STEPS}', '--config.checkpoint_every=4')
 
 
