@@ -210,7 +210,11 @@ def plot_uncertainty(ct: np.ndarray, uncertainty: np.ndarray, *, plane: str = 'a
   fig = Figure(figsize=(9, 4.2))
   axes = fig.subplots(1, 2)
   extent = _ct_panel(axes[0], ct2d, sp, f'CT {plane} {index if index is not None else ""}')
-  _show(axes[1], u2d, extent, cmap='magma', vmin=0.0)
+  # The top of the colour scale at the 99th percentile: a few extreme cells would otherwise
+  # leave the rest of the map in one colour.
+  finite = u2d[np.isfinite(u2d)]
+  vmax = float(np.percentile(finite, 99)) if finite.size else None
+  _show(axes[1], u2d, extent, cmap='magma', vmin=0.0, vmax=vmax or None)
   axes[1].set_title('MC-dropout uncertainty')
   fig.colorbar(axes[1].images[-1], ax=axes[1], fraction=0.046, pad=0.04)
   if title:
