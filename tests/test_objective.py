@@ -163,23 +163,15 @@ def test_gradients_reach_the_student_only():
 
 def test_calibration_trains_the_stabilizer_only():
   model, params, ema, batch = _setup()
-
-  def grads(cfg):
-    f = functools.partial(pretrain_loss, batch=batch, key=jax.random.key(3), step=0,
-                          model=model, method_cfg=cfg, num_steps=10)
-    return jax.grad(lambda p: f(p, ema)[0])(params)
-
-  plain, calibrated = grads(_cfg(lambda_calibration=0.0)), grads(_cfg(lambda_calibration=1.0))
-  # The backbone and the projectors see exactly the gradient they see without the term ...
+  calibration = lambda p: pretrain_loss(
+      p, ema, batch, jax.random.key(3), 0, model=model, method_cfg=_cfg(lambda_calibration=1.0),
+      num_steps=10)[1]['loss_calibration']
+  grads = jax.grad(calibration)(params)
+  # The term's gradient reaches the stabilizer, and nothing the backbone or projectors learn.
   for name in ('backbone', 'projector', 'predictor', 'pixel_projector'):
-    for a, b in zip(jax.tree_util.tree_leaves(plain[name]),
-                    jax.tree_util.tree_leaves(calibrated[name])):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-  # ... while the stabilizer gets the term's gradient on top.
-  diff = sum(float(jnp.linalg.norm(a - b)) for a, b in zip(
-      jax.tree_util.tree_leaves(plain['stabilizer']),
-      jax.tree_util.tree_leaves(calibrated['stabilizer'])))
-  assert diff > 1e-4
+    assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads[name])), name
+  assert sum(float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(grads['stabilizer'])
+             ) > 1e-4
   loss, m = _loss(_cfg(lambda_calibration=0.5))
   _, plain_m = _loss(_cfg(lambda_calibration=0.0))
   assert 0.0 < float(m['loss_calibration']) < 2.0 and float(plain_m['loss_calibration']) == 0.0
