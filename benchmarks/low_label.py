@@ -94,8 +94,8 @@ ARMS = {
     'no_uncertainty': Arm({'method.weighting': 'none'}),
     # The uncertainty learned as a predicted discrepancy (its gradient trains the stabilizer).
     'kendall': Arm({'method.weighting': 'kendall'}),
-    # The MC-dropout uncertainty left untrained: no calibration term.
-    'uncalibrated': Arm({'method.lambda_calibration': 0.0}),
+    # The MC-dropout uncertainty trained to rank pixels as the discrepancy does.
+    'calibrated': Arm({'method.lambda_calibration': 1.0}),
     # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
     'no_mc': Arm({'method.mc_samples': 1}),
     # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
@@ -108,8 +108,9 @@ ARMS = {
     'full_backbone_lr_0.1': Arm({}, finetune={'optim.backbone_lr_scale': 0.1},
                                 pretrained_as='full'),
     # ... or held for the first 200 steps (a fifth of the CPU default's fine-tuning) while the
-    # new head adapts.
-    'full_head_warmup': Arm({}, finetune={'optim.head_warmup_steps': 200}, pretrained_as='full'),
+    # new head adapts (measured on the calibrated pre-training).
+    'calibrated_head_warmup': Arm({}, finetune={'optim.head_warmup_steps': 200},
+                                  pretrained_as='calibrated'),
 }
 BASELINE = 'scratch'
 # Every pre-trained arm is also paired with it: an ablation's loss against the full method.
