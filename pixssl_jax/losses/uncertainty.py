@@ -204,10 +204,10 @@ def uncertainty_calibration(uncertainty: jnp.ndarray, discrepancy: jnp.ndarray,
 
   `L = 1 - corr_m(log(u + CALIBRATION_OFFSET mean_m u), rank_m(d))` over the valid cells `m`,
   in [0, 2], with `rank_m(d)` the ordinal rank of `d` among them. The discrepancy is a target
-  (no gradient); only `u` learns. The correlation is unchanged when
-  `u` is scaled, so the term asks the uncertainty to order the pixels as the discrepancy does,
-  not to match its size: the MC-dropout spread can stay small, and with it the noise in the
-  stabilizer's mean prediction. The relative `exp` weighting reads `u` the same scale-free way.
+  (no gradient); only `u` learns. The correlation is unchanged when `u` is scaled, so the term
+  asks the uncertainty to order the pixels as the discrepancy does, not to match its size: the
+  MC-dropout spread can stay small, and with it the noise in the stabilizer's mean prediction.
+  The relative `exp` weighting reads `u` the same scale-free way.
 
   Args:
     uncertainty: `[...]` per-pixel `u >= 0` (differentiable).

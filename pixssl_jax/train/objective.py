@@ -182,9 +182,9 @@ def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Arra
 
   Returns:
     `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
-    loss_pixel, loss_variance, loss_covariance, loss_calibration, uncertainty_mean, uncertainty_p90,
-    overlap_fraction, projection_std` and `PIXEL_DIAGNOSTICS` (a disabled term's metrics are
-    0). Uncertainty and weight statistics are over valid (matched) cells.
+    loss_pixel, loss_variance, loss_covariance, loss_calibration, uncertainty_mean,
+    uncertainty_p90, overlap_fraction, projection_std` and `PIXEL_DIAGNOSTICS` (a disabled
+    term's metrics are 0). Uncertainty and weight statistics are over valid (matched) cells.
   """
   use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
   if not (use_global or use_pixel):
