@@ -22,9 +22,9 @@ TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32,
 PATCH = 16  # pixel grid 4x4 at stride 4
 DIAGNOSTICS = {'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman',
                'pixel_effective_rank'}
-METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance', 'loss_calibration',
-           'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction', 'projection_std'
-           } | DIAGNOSTICS
+METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance',
+           'loss_calibration', 'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction',
+           'projection_std'} | DIAGNOSTICS
 
 
 def _transform(offset, flip0=False):
