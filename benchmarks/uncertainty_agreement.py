@@ -25,25 +25,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pixssl_jax import analysis  # noqa: E402
 
 
-def agreement_by_step(workdir: str, split: str, pairs: int, mc_samples: int | None
-                      ) -> list[tuple[int, float, int]]:
-  """(step, pooled Spearman(u, d), matched cells) for every checkpoint of `workdir`."""
-  rows = []
-  for step in analysis.available_steps(workdir):
-    run = analysis.load_run(workdir, step=step, which='student')
-    cases = run.store().split(split)
-    result = analysis.uncertainty_agreement(
-        [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3,
-                                    mc_samples=mc_samples)
-         for case in cases for seed in range(pairs)])
-    rows.append((step, result.spearman, result.cells))
-  return rows
+def view_pairs(run, cases: list[str], pairs: int, mc_samples: int | None) -> list:
+  """`pairs` augmented view pairs of each of `cases` through `run` (seeds 0 .. pairs - 1)."""
+  return [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3,
+                                     mc_samples=mc_samples)
+          for case in cases for seed in range(pairs)]
 
 
 def _cells(pairs) -> dict[str, np.ndarray]:
-  """Per matched cell of each view: d, u, the student's pixel projection, the view's mean
+  """Per matched cell of each view: d, the student's pixel projection, the view's mean
   intensity and gradient magnitude over the cell."""
-  out = {'d': [], 'u': [], 'features': [], 'intensity': [], 'gradient': []}
+  out = {'d': [], 'features': [], 'intensity': [], 'gradient': []}
   for pair in pairs:
     for row, view in enumerate(pair.views):
       s, valid = pair.stride, pair.overlap[row]
@@ -51,27 +43,22 @@ def _cells(pairs) -> dict[str, np.ndarray]:
                                           ).mean(axis=(1, 3))[valid]
       gy, gx = np.gradient(view)
       out['d'].append(pair.discrepancy[row][valid])
-      out['u'].append(pair.uncertainty[row][valid])
       out['features'].append(pair.student_proj[row][valid])
       out['intensity'].append(cells(view))
       out['gradient'].append(cells(np.hypot(gx, gy)))
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def predictability(workdir: str, split: str, pairs: int, fit_cases: int = 16,
+def predictability(run, held: list, mc_samples: int | None, fit_cases: int = 16,
                    ridge: float = 100.0) -> dict[str, float]:
-  """How well simple functions of view 1 rank the held-out d, at the last checkpoint.
+  """How well simple functions of view 1 rank the d of the `held` pairs of `run`.
 
   A ridge regression of d on the standardised student pixel projection (the stabilizer's
   input) is fitted on 2 view pairs of each of the first `fit_cases` cases of the `pretrain`
-  split and scored on the `split` pairs of `agreement_by_step`.
+  split.
   """
-  run = analysis.load_run(workdir, which='student')
-  draw = lambda cases, seeds: _cells(
-      [analysis.analyse_view_pair(run, case, seed=seed, augment=True, min_body_fraction=0.3)
-       for case in cases for seed in range(seeds)])
-  fit = draw(run.store().split('pretrain')[:fit_cases], 2)
-  held = draw(run.store().split(split), pairs)
+  fit = _cells(view_pairs(run, run.store().split('pretrain')[:fit_cases], 2, mc_samples))
+  held = _cells(held)
   mean, std = fit['features'].mean(0), fit['features'].std(0) + 1e-6
   design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
   a = design(fit['features'])
@@ -79,13 +66,11 @@ def predictability(workdir: str, split: str, pairs: int, fit_cases: int = 16,
   rho = lambda x: float(stats.spearmanr(x, held['d']).statistic)
   return {'ridge on the pixel projection': rho(design(held['features']) @ weights),
           'cell mean intensity': rho(held['intensity']),
-          'cell gradient magnitude': rho(held['gradient']),
-          'u': rho(held['u']), 'cells': float(len(held['d']))}
+          'cell gradient magnitude': rho(held['gradient'])}
 
 
-def save_map(workdir: str, split: str, mc_samples: int | None, out_dir: pathlib.Path
+def save_map(run, name: str, split: str, mc_samples: int | None, out_dir: pathlib.Path
              ) -> pathlib.Path:
-  run = analysis.load_run(workdir, which='student')
   case = run.store().split(split)[0]
   volume = analysis.load_volume(run, case)
   z = volume.image.shape[2] // 2
@@ -93,8 +78,8 @@ def save_map(workdir: str, split: str, mc_samples: int | None, out_dir: pathlib.
                                   patch_size=(64, 64), overlap=0.25, batch_size=16)
   figure = analysis.plot_uncertainty(volume.image[:, :, z], u[:, :, 0],
                                      spacing=volume.spacing[:2],
-                                     title=f'{pathlib.Path(workdir).name} step {run.step}, {case}')
-  path = out_dir / f'uncertainty_map_{pathlib.Path(workdir).name}.png'
+                                     title=f'{name} step {run.step}, {case}')
+  path = out_dir / f'uncertainty_map_{name}.png'
   figure.savefig(path, dpi=80)
   return path
 
@@ -112,18 +97,24 @@ def main(argv=None):
                            '(fitted on pretrain-split pairs) and the image rank d')
   args = parser.parse_args(argv)
   for workdir in args.workdirs:
-    rows = agreement_by_step(workdir, args.split, args.pairs, args.mc_samples)
+    rows = []
+    for step in analysis.available_steps(workdir):
+      run = analysis.load_run(workdir, step=step, which='student')
+      pairs = view_pairs(run, run.store().split(args.split), args.pairs, args.mc_samples)
+      result = analysis.uncertainty_agreement(pairs)
+      rows.append((step, result.spearman, result.cells))
     print(f'{workdir}: held-out Spearman(u, d) by step: ' + ', '.join(
         f'{step}: {rho:.3f}' for step, rho, _ in rows) + f' ({rows[-1][2]} matched cells)')
+    # `run` and `pairs` are the last checkpoint's.
     if args.ridge:
-      scores = predictability(workdir, args.split, args.pairs)
-      print(f'  held-out Spearman with d at the last step ({scores.pop("cells"):.0f} cells): '
+      scores = predictability(run, pairs, args.mc_samples)
+      print('  held-out Spearman with d at the last step: '
             + ', '.join(f'{name} {rho:.3f}' for name, rho in scores.items()))
     if args.map_dir:
       out = pathlib.Path(args.map_dir)
       out.mkdir(parents=True, exist_ok=True)
-      print(f'  wrote {save_map(workdir, args.split, args.mc_samples, out)}')
-
+      path = save_map(run, pathlib.Path(workdir).name, args.split, args.mc_samples, out)
+      print(f'  wrote {path}')
 
 if __name__ == '__main__':
   main()
