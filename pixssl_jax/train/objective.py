@@ -39,6 +39,11 @@ PIXEL_DIAGNOSTICS = ('weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_sp
                      'pixel_effective_rank')
 
 
+def has_mc_dropout(model: PixSSLModel, mc_samples: int) -> bool:
+  """Whether the stabilizer's K samples differ, so that there is an uncertainty at all."""
+  return mc_samples > 1 and model.stabilizer_dropout > 0
+
+
 def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
                            model: PixSSLModel, mc_samples: int,
                            uncertainty_gradient: str = 'none'
@@ -65,7 +70,7 @@ def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
     `(mean [N, *G, Cp], uncertainty [N, *G])`; the uncertainty is 0 without MC dropout.
   """
   variables = {'params': params}
-  if mc_samples <= 1 or model.stabilizer_dropout == 0.0:
+  if not has_mc_dropout(model, mc_samples):
     # Without MC dropout the stabilizer is a deterministic predictor and nothing is uncertain.
     pred = model.apply(variables, pixel_proj, True, method=PixSSLModel.stabilize)
     return pred, jnp.zeros(pred.shape[:-1], jnp.float32)
@@ -95,8 +100,8 @@ def stabilized_prediction(params, pixel_proj: jnp.ndarray, key: jax.Array, *,
 def calibrates_uncertainty(method_cfg: ml_collections.ConfigDict, model: PixSSLModel) -> bool:
   """Whether the calibration term is on: it needs a weight and an MC-dropout uncertainty."""
   return (float(method_cfg.lambda_calibration) > 0 and bool(method_cfg.use_pixel)
-          and bool(method_cfg.use_stabilizer) and int(method_cfg.mc_samples) > 1
-          and model.stabilizer_dropout > 0)
+          and bool(method_cfg.use_stabilizer)
+          and has_mc_dropout(model, int(method_cfg.mc_samples)))
 
 
 def uncertainty_gradient(method_cfg: ml_collections.ConfigDict, model: PixSSLModel) -> str:
