@@ -96,6 +96,11 @@ ARMS = {
     'kendall': Arm({'method.weighting': 'kendall'}),
     # The MC-dropout uncertainty trained to rank pixels as the discrepancy does.
     'calibrated': Arm({'method.lambda_calibration': 1.0}),
+    # Candidates for a default whose uncertainty means something without taking the weight
+    # off the cells where the views disagree: the calibrated `u` with weights a third as
+    # steep, or kept as a map only (the loss unweighted).
+    'calibrated_mild': Arm({'method.lambda_calibration': 1.0, 'method.tau': 3.0}),
+    'calibrated_unweighted': Arm({'method.lambda_calibration': 1.0, 'method.weighting': 'none'}),
     # One stabilizer pass without dropout: no MC samples, so no uncertainty either.
     'no_mc': Arm({'method.mc_samples': 1}),
     # Diagnostics from docs/BENCHMARKS.md: no VICReg terms (the collapsed pixel branch),
