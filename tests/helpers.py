@@ -35,3 +35,17 @@ def logged_steps(workdir):
   if not path.exists():
     return []
   return [json.loads(l)['step'] for l in path.read_text().splitlines() if l.endswith('}')]
+
+
+def damage(step_dir, how):
+  """Damages a saved step the ways a full disk, a crash or a bad copy do."""
+  state = step_dir / 'state'
+  if how == 'truncated_data':  # Every array data file cut to half its length.
+    for path in state.rglob('d/*'):
+      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif how == 'missing_manifest':
+    (state / 'manifest.ocdbt').unlink()
+  elif how == 'empty_metadata':
+    (state / '_METADATA').write_text('')
+  else:
+    raise ValueError(how)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,9 +21,11 @@ from pixssl_jax import analysis  # noqa: E402
 from pixssl_jax.losses.pixel_matching import cell_to_cell_affine  # noqa: E402
 from pixssl_jax.models.pixssl import PixSSLModel  # noqa: E402
 from pixssl_jax.train import checkpointing  # noqa: E402
+from pixssl_jax.train import config_checks  # noqa: E402
 from pixssl_jax.train import mesh as mesh_lib  # noqa: E402
 from pixssl_jax.train import optimizers  # noqa: E402
 from pixssl_jax.train import pretrain  # noqa: E402
+from tests.helpers import damage  # noqa: E402
 from tests.helpers import load_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +95,22 @@ def test_load_run_errors_name_the_workdir_and_the_steps(workdir, tmp_path):
     analysis.load_run(workdir, step=3)
   with pytest.raises(ValueError, match='which must be one of'):
     analysis.load_run(workdir, which='ema')
+
+
+def test_load_run_skips_a_damaged_newest_checkpoint_and_names_a_damaged_chosen_one(
+    workdir, run, tmp_path):
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  damage(copy / 'checkpoints' / '4', 'missing_manifest')
+  warnings = []
+  older = analysis.load_run(copy, warn=warnings.append)
+  assert older.step == 2 and older.steps == [2, 4]
+  assert len(warnings) == 1 and 'checkpoint step 4 cannot be restored' in warnings[0]
+  assert 'using step 2 instead' in warnings[0]
+  assert (copy / 'checkpoints' / '4').is_dir()  # Left where it is: analysis never writes.
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'checkpoint step 4 cannot be restored .*other steps: \[2\]'):
+    analysis.load_run(copy, step=4)
 
 
 def test_metrics_frame_keeps_the_last_record_of_each_step(workdir, tmp_path):

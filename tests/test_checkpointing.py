@@ -11,6 +11,7 @@ import pytest
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
 from tests.helpers import REPO
+from tests.helpers import damage
 
 
 class FakeIterator:
@@ -61,20 +62,6 @@ def test_unfinished_save_is_ignored_on_restore(tmp_path):
   state, step, data_restored = checkpointing.restore_latest(fresh, {'w': jnp.zeros(2)}, iterator)
   assert step == 1 and data_restored and iterator.position == 0  # Position came back too.
   assert state['w'].tolist() == [1.0, 1.0]
-
-
-def damage(step_dir, how):
-  """Damages a saved step the ways a full disk, a crash or a bad copy do."""
-  state = step_dir / 'state'
-  if how == 'truncated_data':  # Every array data file cut to half its length.
-    for path in state.rglob('d/*'):
-      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  elif how == 'missing_manifest':
-    (state / 'manifest.ocdbt').unlink()
-  elif how == 'empty_metadata':
-    (state / '_METADATA').write_text('')
-  else:
-    raise ValueError(how)
 
 
 DAMAGES = ('truncated_data', 'missing_manifest', 'empty_metadata')

@@ -20,7 +20,7 @@ from pixssl_jax.train import config_checks
 from pixssl_jax.train import pretrain
 from tests.helpers import logged_steps
 from tests.helpers import load_config
-from tests.test_checkpointing import damage
+from tests.helpers import damage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 20  # Long enough to kill at step 9 and SIGTERM at 6 mid-run.

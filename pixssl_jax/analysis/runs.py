@@ -10,7 +10,7 @@ onto it (docs/pitfalls.md, Orbax). The data iterator item is never read.
 import dataclasses
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -117,15 +117,18 @@ def available_steps(workdir) -> list[int]:
 
 
 def load_run(workdir, step: int | None = None, which: str = 'teacher',
-             device: jax.Device | None = None) -> Run:
+             device: jax.Device | None = None,
+             warn: Callable[[str], None] | None = None) -> Run:
   """Restores a run's config and the parameters of one checkpoint onto one device.
 
   Args:
     workdir: the run directory (`--workdir` of `python -m pixssl_jax.main`).
-    step: the checkpoint step; None takes the latest.
+    step: the checkpoint step; None takes the newest one that restores (a damaged newer one
+      is skipped with a warning).
     which: 'teacher' (the EMA network, what the paper transfers) or 'student'; decides
       `Run.params`. Both trees are restored either way.
     device: where the parameters go; None is the first local device (a GPU if there is one).
+    warn: receives one line per damaged checkpoint skipped (default: stderr).
 
   Returns:
     The `Run`.
@@ -134,6 +137,8 @@ def load_run(workdir, step: int | None = None, which: str = 'teacher',
     FileNotFoundError: no workdir, no `config.json`, or no checkpoint in it.
     ValueError: `which` is unknown, or `step` is not a checkpoint of the run (the message
       lists the steps that are).
+    ConfigError: the given `step`, or with None every step, cannot be restored (the message
+      names each step and why).
   """
   if which not in WHICH:
     raise ValueError(f'which must be one of {WHICH}, got {which!r}')
@@ -145,11 +150,8 @@ def load_run(workdir, step: int | None = None, which: str = 'teacher',
         f'{workdir}: no checkpoint in {checkpointing.checkpoint_dir(workdir)} (a run writes '
         f'its first one after config.checkpoint_every={config.get("checkpoint_every")} steps '
         'and at the end)')
-  if step is None:
-    step = steps[-1]
-  elif int(step) not in steps:
+  if step is not None and int(step) not in steps:
     raise ValueError(f'{workdir}: no checkpoint at step {step}; available steps: {steps}')
-  step = int(step)
 
   model = pixssl.build_model(config.model, config.data.ndim)
   device = device if device is not None else jax.local_devices()[0]
@@ -157,9 +159,22 @@ def load_run(workdir, step: int | None = None, which: str = 'teacher',
   tx = optimizers.make_optimizer(config.optim, config.num_steps)
   template = pretrain.abstract_train_state(model, tx, config, mesh_lib.make_data_mesh([device]))
   manager = _read_only_manager(workdir)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
+
+  def restore(s):
+    return manager.restore(s, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template)))['state']
+
+  try:
+    if step is None:
+      # As a resumed run does: a damaged newest checkpoint gives way, with a warning, to the
+      # newest that restores; the workdir is left as it is.
+      restored, step = checkpointing.newest_restorable(
+          manager, restore, set_aside=False,
+          advice='load a run whose checkpoints are intact', warn=warn)
+    else:
+      step = int(step)
+      restored = checkpointing.restore_exact(manager, restore, step,
+                                             choose='load_run(..., step=N)')
   finally:
     manager.close()
   params = restored.ema_params if which == 'teacher' else restored.params
