@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from benchmarks import low_label_stats as stats
+from pixssl_jax import config_files
 from pixssl_jax.data import pipeline
+from pixssl_jax.train import config_checks
 from pixssl_jax.train import finetune
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -258,6 +260,20 @@ def test_seeds_that_draw_the_same_labelled_cases_are_named():
   named = {int(s) for n in notes if 'budget 1 ' in n
            for s in n.split(' draw')[0].removeprefix('fine-tuning seeds ').split(', ')}
   assert named == set(repeats)
+
+
+def test_every_arm_sets_existing_fields_to_values_the_config_checks_accept():
+  from benchmarks import low_label
+  for name, arm in low_label.ARMS.items():
+    pre = low_label.override(config_files.load('pretrain', 'demo'), arm.pretrain or {})
+    ft = low_label.override(config_files.load('finetune', 'demo'), arm.finetune)
+    ft.init = 'scratch'
+    problems = (config_checks.pretrain_config_problems(pre, device_count=1, process_count=1)
+                + config_checks.finetune_config_problems(ft, device_count=1, process_count=1))
+    assert not problems, (name, problems)
+    assert arm.pretrained_as is None or arm.pretrained_as in low_label.ARMS, name
+  with pytest.raises(KeyError, match='method.tua is not a config field'):
+    low_label.override(config_files.load('pretrain', 'demo'), {'method.tua': 3.0})
 
 
 @pytest.fixture(scope='module')
