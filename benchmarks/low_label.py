@@ -27,9 +27,9 @@ the finished runs of the selection. The statistics are in benchmarks/low_label_s
 
 Two sizes. The default (CPU, 2-D): a dedicated phantom store of 40 cases on a 3 x 3 x 4 mm grid
 (24 train_100, 8 val, 8 test), 64 x 64 patches, the demo widths; scratch and full, budgets s8
-and 1, fine-tuning seeds 0 and 1, probes of full at 25, 50 and 100% of 300 pre-training steps:
-42 minutes on 2 CPU cores (docs/BENCHMARKS.md). `--ndim 3`: 96^3 patches and the btcv_3d widths, for a GPU
-(benchmarks/gpu_low_label.sh). `--quick`: a smoke run (tiny widths, a few steps, one seed,
+and 1, fine-tuning seeds 0 and 1, probes of full at 25, 50 and 100% of 600 pre-training steps:
+about 50 minutes on 2 CPU cores (42 with 300 pre-training steps; docs/BENCHMARKS.md).
+`--ndim 3`: 96^3 patches and the btcv_3d widths, for a GPU (benchmarks/gpu_low_label.sh). `--quick`: a smoke run (tiny widths, a few steps, one seed,
 scratch and full, budget 1).
 """
 
@@ -128,12 +128,13 @@ def pretrained_as(arm: str) -> str:
 
 # Per size: config presets, data, lengths and the default selection of runs.
 SIZES = {
-    # Fits an hour on 2 CPU cores: 1 pre-training, 8 fine-tunes and 3 probes took 42 minutes
-    # (a 1000-step fine-tune with its evaluation 3-5 minutes, 300 pre-training steps 3.5, a
-    # 500-step probe through the frozen backbone under 2; docs/BENCHMARKS.md).
+    # Fits an hour on 2 CPU cores: 1 pre-training, 8 fine-tunes and 3 probes (a 1000-step
+    # fine-tune with its evaluation 3-5 minutes, 300 pre-training steps 3.5, a 500-step probe
+    # through the frozen backbone under 2; docs/BENCHMARKS.md). 600 pre-training steps: the
+    # linear probe of the frozen features improves up to there and flattens after.
     'cpu_2d': {
         'presets': ('demo', 'demo'), 'patch': (64, 64),
-        'pretrain': {'num_steps': 300, 'batch_size': 16},
+        'pretrain': {'num_steps': 600, 'batch_size': 16},
         # 500 steps left 2-volume fine-tunings unconverged (whether the kidneys got separated
         # depended on the seed); 1000 converge (docs/BENCHMARKS.md).
         'finetune': {'num_steps': 1000, 'batch_size': 8, 'eval.batch_size': 64},
