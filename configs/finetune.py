@@ -13,7 +13,7 @@ A dense linear probe of the frozen pre-trained features: `--config.linear_probe=
 Presets (match the pre-training preset of the same name, whose U-Net they load):
   tiny     seconds, tiny phantoms; used by the tests.
   demo     2-D 128x128 axial slices of the embedded phantom dataset: about 7 minutes on 2 CPU
-           cores, then about 1 for `evaluate` (mean test Dice about 77%, docs/BENCHMARKS.md).
+           cores, then about 1 for `evaluate` (mean test Dice about 76%, docs/BENCHMARKS.md).
   btcv_3d  3-D 96^3 patches from a prepared store (--config.data.data_dir=...).
 
 The data fields mean what they mean in configs/pretrain.py; `data` must name the same store
@@ -113,7 +113,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # labelled z-range, are used; 0: whole volumes.
   config.label_slices = 0
   # 300 steps learned only liver and vertebrae on the demo (test Dice 26%); 1000 learn all six
-  # organs (77%; docs/BENCHMARKS.md), as in the low-label benchmark.
+  # organs (76%; docs/BENCHMARKS.md), as in the low-label benchmark.
   config.num_steps = 1000
   config.batch_size = 8
   config.log_every = 25
