@@ -29,8 +29,8 @@ Two sizes. The default (CPU, 2-D): a dedicated phantom store of 40 cases on a 3 
 (24 train_100, 8 val, 8 test), 64 x 64 patches, the demo widths; scratch and full, budgets s8
 and 1, fine-tuning seeds 0 and 1, probes of full at 25, 50 and 100% of 600 pre-training steps:
 about 50 minutes on 2 CPU cores (42 with 300 pre-training steps; docs/BENCHMARKS.md).
-`--ndim 3`: 96^3 patches and the btcv_3d widths, for a GPU (benchmarks/gpu_low_label.sh). `--quick`: a smoke run (tiny widths, a few steps, one seed,
-scratch and full, budget 1).
+`--ndim 3`: 96^3 patches and the btcv_3d widths, for a GPU (benchmarks/gpu_low_label.sh).
+`--quick`: a smoke run (tiny widths, a few steps, one seed, scratch and full, budget 1).
 """
 
 import argparse

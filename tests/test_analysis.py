@@ -98,7 +98,7 @@ def test_load_run_errors_name_the_workdir_and_the_steps(workdir, tmp_path):
 
 
 def test_load_run_skips_a_damaged_newest_checkpoint_and_names_a_damaged_chosen_one(
-    workdir, run, tmp_path):
+    workdir, tmp_path):
   copy = tmp_path / 'run'
   shutil.copytree(workdir, copy)
   damage(copy / 'checkpoints' / '4', 'missing_manifest')
