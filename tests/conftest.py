@@ -42,7 +42,6 @@ def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
 
   Most of the suite's time is single-threaded (XLA compiles, interpreter start-up of the
   `python -m pixssl_jax.main` runs the command-line tests start), so a worker per core pays;
-  each worker with the training run it starts holds a few GB (two workers peaked at about
-  9 GB in all on the 2-core VM), hence the cap.
+  each worker with the training run it starts holds a few GB, hence the cap.
   """
   return max(1, min(len(os.sched_getaffinity(0)), 4))
