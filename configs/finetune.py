@@ -41,6 +41,22 @@ def _data_config() -> ml_collections.ConfigDict:
   # Random flips swap left and right: with lateral labels (kidney_left/right, spleen vs liver)
   # they teach the network that either side is either organ. Off by default [default].
   data.flip = False
+  # Crop resize, (low, high) crop side / patch side, log-uniform, about the crop's centre (no
+  # rotation, no mirroring); (1.0, 1.0): crops taken as they are [default].
+  data.scale_range = (1.0, 1.0)
+  # Intensity augmentation of the crops; the fields mean what they mean in configs/pretrain.py.
+  # Off by default [default]; enabled=True turns it on.
+  data.intensity = ml_collections.ConfigDict()
+  data.intensity.enabled = False
+  data.intensity.prob = 0.5
+  data.intensity.window_jitter = 0.1
+  data.intensity.remap_prob = 0.0
+  data.intensity.remap_nonmonotone_prob = 0.5
+  data.intensity.brightness = 0.1
+  data.intensity.contrast = 0.2
+  data.intensity.gamma = 0.3
+  data.intensity.noise_std = 0.03
+  data.intensity.blur_sigma = (0.5, 1.0)
   data.worker_count = 0
   data.read_threads = 2
   data.prefetch_buffer_size = 4

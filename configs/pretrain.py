@@ -51,11 +51,20 @@ def _data_config() -> ml_collections.ConfigDict:
   data.intensity.enabled = True
   data.intensity.prob = 0.5  # Probability of each augmentation, independently.
   data.intensity.window_jitter = 0.1
+  # Random Bezier remap of the windowed intensities (Models Genesis' non-linear transform),
+  # per view; a non-monotone curve reorders tissue intensities, as contrast phases do.
+  # 0: off (the default views).
+  data.intensity.remap_prob = 0.0
+  data.intensity.remap_nonmonotone_prob = 0.5  # Share of the remaps that are non-monotone.
   data.intensity.brightness = 0.1
   data.intensity.contrast = 0.2
   data.intensity.gamma = 0.3
   data.intensity.noise_std = 0.03
   data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
+  # Student masking: this share of the cubes of mask_patch voxels per side of each view is
+  # hidden from the student (the teacher sees the whole view); 0: off.
+  data.mask_ratio = 0.0
+  data.mask_patch = 8
   # Input pipeline resources: 0 workers is fastest on small hosts; use 8+ on accelerator hosts.
   data.worker_count = 0
   data.read_threads = 2

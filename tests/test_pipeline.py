@@ -267,6 +267,69 @@ def test_finetune_image_and_label_stay_aligned():
     np.testing.assert_array_equal(example['label'], example['image'][..., 0] > threshold)
 
 
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_resized_finetune_crops_keep_image_and_label_aligned(ndim):
+  """Image (linear) and label (nearest) of a resized crop read the same source points."""
+  shape3 = (40, 28, 12)
+  store = InMemoryStore(num_cases=1, shape=shape3)
+  case = store.ids[0]
+  x = np.arange(shape3[0])[:, None, None] * np.ones(shape3)
+  # HU = air + 10 (x + 1): the image reads back its source x, and air continues the ramp below
+  # x = 0. Labels only for x < 20 and crops centred on them, so no crop reaches x = 39.
+  store.images[case] = (WINDOW[0] + 10 * (x + 1)).astype(np.int16)
+  store.labels[case] = np.where(x < 20, x % 5, 0).astype(np.uint8)
+  crop = pipeline.LabelledCrop(store, (8,) * ndim, foreground_prob=1.0, flip=False,
+                               scale_range=(0.5, 2.0))
+  rng = np.random.default_rng(0)
+  steps = set()
+  for _ in range(20):
+    example = crop.random_map(case, rng)
+    hu = example['image'][..., 0] * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+    source_x = (hu - WINDOW[0]) / 10 - 1
+    nearest = np.floor(source_x + 0.5).astype(int)
+    # Air beyond y and z lowers a voxel below its row's value; rounding ties are ambiguous.
+    pure = source_x >= source_x.max(axis=tuple(range(1, ndim)), keepdims=True) - 1e-3
+    pure &= (source_x > 0) & (np.abs(source_x % 1 - 0.5) > 1e-3)
+    np.testing.assert_array_equal(example['label'][pure],
+                                  np.where(nearest < 20, nearest % 5, 0)[pure])
+    steps.add(round(float(np.median(np.diff(source_x.max(axis=tuple(range(1, ndim)))))), 3))
+  assert len(steps) > 5 and min(steps) < 0.9 and max(steps) > 1.1  # Scales vary both ways.
+
+
+def test_finetune_augmentation_is_off_by_default_and_seeded_when_on():
+  store = InMemoryStore(num_cases=2)
+  fine = config_files.load('finetune', 'demo').data
+  assert not fine.intensity.enabled and tuple(fine.scale_range) == (1.0, 1.0) and not fine.flip
+
+  def crops(**kwargs):
+    crop = pipeline.LabelledCrop(store, (8, 8), 0.5, False, **kwargs)
+    rng = np.random.default_rng(4)
+    return [crop.random_map(store.ids[i % 2], rng) for i in range(6)]
+
+  plain = crops()
+  _assert_batches_equal(plain, crops(intensity_cfg=fine.intensity, scale_range=fine.scale_range))
+  fine.intensity.enabled = True
+  fine.intensity.prob = 1.0
+  on = crops(intensity_cfg=fine.intensity, scale_range=(0.7, 1.4))
+  _assert_batches_equal(on, crops(intensity_cfg=fine.intensity, scale_range=(0.7, 1.4)))
+  assert all(np.abs(a['image'] - b['image']).mean() > 0.01 for a, b in zip(on, plain))
+
+
+def test_student_masks_come_only_when_asked():
+  store = InMemoryStore(num_cases=2)
+  cfg = _cfg(3, patch=16)
+  plain = pipeline.MakeViewPair(store, cfg).random_map(store.ids[0], np.random.default_rng(0))
+  assert not any(k.startswith('student_mask') for k in plain)
+  cfg.mask_ratio, cfg.mask_patch = 0.25, 4
+  masked = pipeline.MakeViewPair(store, cfg).random_map(store.ids[0], np.random.default_rng(0))
+  for k in ('1', '2'):
+    mask = masked['student_mask' + k]
+    assert mask.shape == (16, 16, 16, 1) and mask.dtype == bool and mask.mean() == 0.25
+    # The views themselves are not masked: the teacher sees them whole.
+    np.testing.assert_array_equal(masked['view' + k], plain['view' + k])
+  assert not np.array_equal(masked['student_mask1'], masked['student_mask2'])
+
+
 def test_volume_iterator_yields_whole_scaled_volumes():
   store = InMemoryStore(num_cases=12)
   store.unlabelled.add(store.ids[5])

@@ -284,3 +284,110 @@ def test_pretrain_defaults_keep_left_and_right(ndim):
       a = t[:, :ndim]
       np.testing.assert_array_equal(a, np.diag(np.diag(a)))  # no axis swap
       assert np.all(np.diag(a) > 0)  # no mirroring
+
+
+# Views of `_reference_cases` as this implementation renders them: (hard, ndim, seed, sha1 of the
+# raw-HU views and transforms, mean of each augmented view, one augmented voxel). Default
+# settings (hard=False) were recorded before the remap and the mask existed, so they pin the
+# default views; hard=True turns on every intensity augmentation and the remap. The spatial part
+# is float32 arithmetic without transcendental functions and is compared bit for bit; the
+# intensities go through exp/power/gaussian_filter, whose last bit may differ between CPUs.
+_REFERENCE = (
+    (False, 2, 0, 'afac127da7a594d5', 0.435269, 0.424440, 0.340961),
+    (False, 2, 1, '939ca507d0490923', 0.549118, 0.471089, 0.529170),
+    (False, 2, 2, '2b7141adcd32922a', 0.502213, 0.493348, 0.241635),
+    (False, 3, 0, '6fa9e76efe4b14b8', 0.671795, 0.499398, 0.813887),
+    (False, 3, 1, '912088059aaaa192', 0.507163, 0.461850, 0.494549),
+    (False, 3, 2, 'f452d2bdd4252279', 0.478672, 0.495275, 0.507661),
+    (True, 2, 0, 'afac127da7a594d5', 0.857652, 0.162006, 0.969325),
+    (True, 2, 1, '939ca507d0490923', 0.020932, 0.341640, 0.064033),
+    (True, 2, 2, '2b7141adcd32922a', 0.467802, 0.231943, 0.276510),
+    (True, 3, 0, '6fa9e76efe4b14b8', 0.689255, 0.577483, 0.599704),
+    (True, 3, 1, '912088059aaaa192', 0.600760, 0.548080, 0.572188),
+    (True, 3, 2, 'f452d2bdd4252279', 0.707657, 0.459414, 0.741110),
+)
+
+
+@pytest.mark.parametrize('hard,ndim,seed,digest,mean1,mean2,voxel', _REFERENCE)
+def test_views_match_the_stored_reference(hard, ndim, seed, digest, mean1, mean2, voxel):
+  import hashlib  # Only this test digests arrays.
+  cfg = config_files.load('pretrain', 'demo').data  # The defaults, as a run gets them.
+  cfg.ndim, cfg.patch_size = ndim, (24,) * ndim
+  if hard:
+    cfg.intensity.prob, cfg.intensity.remap_prob = 1.0, 1.0
+  volume = np.random.default_rng(11).integers(-175, 251, (48, 44, 30)).astype(np.int16)
+  rng = np.random.default_rng(seed)
+  pair = views.sample_view_pair(volume, rng, cfg, WINDOW)
+  raw = b''.join(np.ascontiguousarray(a).tobytes() for a in pair[:4])
+  assert hashlib.sha1(raw).hexdigest()[:16] == digest
+  a1 = intensity.augment_intensity(pair.view1, rng, cfg.intensity, WINDOW)
+  a2 = intensity.augment_intensity(pair.view2, rng, cfg.intensity, WINDOW)
+  np.testing.assert_allclose([a1.mean(), a2.mean(), a1.reshape(-1)[101]], [mean1, mean2, voxel],
+                             atol=2e-6)
+
+
+def _remap_only(nonmonotone_prob):
+  cfg = _cfg(3, enabled=True)
+  cfg.intensity.prob = 0.0  # Every other augmentation off: the output is the remap alone.
+  cfg.intensity.remap_prob = 1.0
+  cfg.intensity.remap_nonmonotone_prob = nonmonotone_prob
+  return cfg.intensity
+
+
+@pytest.mark.parametrize('nonmonotone_prob', [0.0, 1.0])
+def test_remap_stays_in_range_and_is_seeded(nonmonotone_prob):
+  hu = np.linspace(WINDOW[0], WINDOW[1], 2001, dtype=np.float32)
+  cfg = _remap_only(nonmonotone_prob)
+  for seed in range(20):
+    out = intensity.augment_intensity(hu, np.random.default_rng(seed), cfg, WINDOW)
+    again = intensity.augment_intensity(hu, np.random.default_rng(seed), cfg, WINDOW)
+    np.testing.assert_array_equal(out, again)
+    assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0 + 1e-6
+    if nonmonotone_prob == 0.0:
+      assert np.all(np.diff(out) >= 0)  # The order of intensities is kept...
+      np.testing.assert_allclose([out[0], out[-1]], [0.0, 1.0], atol=1e-6)
+    else:
+      # ... or not, but the view keeps its full range.
+      np.testing.assert_allclose([out.min(), out.max()], [0.0, 1.0], atol=2e-3)
+  other = intensity.augment_intensity(hu, np.random.default_rng(99), cfg, WINDOW)
+  assert np.abs(other - out).max() > 0.01
+
+
+def test_nonmonotone_remap_can_reorder_two_intensities():
+  # Two soft tissues 40 HU apart (e.g. liver and spleen in one phase).
+  hu = np.array([60.0, 100.0], np.float32)
+  reordered = {}
+  for prob in (0.0, 1.0):
+    cfg = _remap_only(prob)
+    outs = [intensity.augment_intensity(hu, np.random.default_rng(s), cfg, WINDOW)
+            for s in range(50)]
+    reordered[prob] = sum(o[0] > o[1] for o in outs)
+  assert reordered[0.0] == 0
+  assert 5 <= reordered[1.0] <= 45  # Both orders occur.
+
+
+def test_remap_off_draws_nothing():
+  """remap_prob 0 (the default) leaves the random stream, so views stay as they were."""
+  cfg = _cfg(3, enabled=True).intensity
+  hu = _random_volume(8, (6, 6, 6)).astype(np.float32)
+  rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+  a = intensity.augment_intensity(hu, rng_a, cfg, WINDOW)
+  cfg.remap_nonmonotone_prob = 1.0  # Irrelevant while remap_prob is 0.
+  b = intensity.augment_intensity(hu, rng_b, cfg, WINDOW)
+  np.testing.assert_array_equal(a, b)
+  assert rng_a.random() == rng_b.random()
+
+
+@pytest.mark.parametrize('shape,patch', [((16, 16), 4), ((12, 10, 9), 4)])
+def test_patch_mask_hides_whole_cells_in_the_asked_share(shape, patch):
+  mask = views.patch_mask(shape, np.random.default_rng(0), 0.25, patch)
+  assert mask.shape == shape and mask.dtype == bool
+  cells = [-(-s // patch) for s in shape]
+  coarse = mask[tuple(slice(0, None, patch) for _ in shape)]
+  assert coarse.sum() == round(0.25 * np.prod(cells))
+  # Every cell is all hidden or all shown.
+  np.testing.assert_array_equal(
+      mask, np.kron(coarse, np.ones((patch,) * len(shape), bool))[tuple(map(slice, shape))])
+  np.testing.assert_array_equal(mask, views.patch_mask(shape, np.random.default_rng(0), 0.25,
+                                                       patch))
+  assert not np.array_equal(mask, views.patch_mask(shape, np.random.default_rng(1), 0.25, patch))

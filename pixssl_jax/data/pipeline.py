@@ -24,10 +24,9 @@ import numpy as np
 
 from pixssl_jax.data import intensity
 from pixssl_jax.data import views
-
-# Foreground coordinates kept per case for oversampling; a strided subset of a
-# large organ is as good as all of it and bounds the per-worker cache.
-_MAX_FOREGROUND_COORDS = 50_000
+# The fine-tuning transform lives in its own module; callers reach it through this one.
+from pixssl_jax.data.labelled_crops import LabelledCrop
+from pixssl_jax.data.labelled_crops import labelled_slice_indices  # noqa: F401
 
 
 class CaseIdSource:
@@ -126,7 +125,8 @@ class GlobalShuffleSampler:
 class MakeViewPair(grain.transforms.RandomMap):
   """Case id -> one pre-training example (two views and their transforms).
 
-  Reads only `store.image`: pre-training never touches labels.
+  Reads only `store.image`: pre-training never touches labels. With `data.mask_ratio`
+  > 0 the example also holds one patch mask per view (`views.patch_mask`).
   """
 
   def __init__(self, store: Any, data_cfg: ml_collections.ConfigDict):
@@ -137,7 +137,7 @@ class MakeViewPair(grain.transforms.RandomMap):
 
   def random_map(self, case_id: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     pair = views.sample_view_pair(self._store.image(case_id), rng, self._cfg, self._window)
-    return {
+    example = {
         'view1': intensity.augment_intensity(
             pair.view1, rng, self._cfg.intensity, self._window)[..., None],
         'view2': intensity.augment_intensity(
@@ -145,124 +145,14 @@ class MakeViewPair(grain.transforms.RandomMap):
         'transform1': pair.transform1,
         'transform2': pair.transform2,
     }
-
-
-def labelled_slice_indices(label: np.ndarray, count: int) -> np.ndarray:
-  """`count` axial slice indices evenly spaced over the z-range of a label's foreground.
-
-  Slice i (of `count`) is the centre of the i-th of `count` equal parts of the range from the
-  first to the last slice with a foreground voxel, so the slices cover the organs from top to
-  bottom the way an annotator would pick them. Fewer come back when the range is shorter than
-  `count`; a label without foreground spreads them over the whole volume.
-
-  Args:
-    label: `[X, Y, Z]` integer label volume.
-    count: number of slices (> 0).
-
-  Returns:
-    Sorted, distinct int64 z indices.
-  """
-  if count < 1:
-    raise ValueError(f'count must be positive, got {count}')
-  occupied = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
-  first, last = (occupied[0], occupied[-1]) if len(occupied) else (0, label.shape[2] - 1)
-  span = last - first + 1
-  centres = first + (np.arange(count) + 0.5) * span / count
-  return np.unique(np.floor(centres).astype(np.int64))
-
-
-class LabelledCrop(grain.transforms.RandomMap):
-  """Case id -> one labelled random crop with class-balanced foreground oversampling.
-
-  With probability `foreground_prob` the crop is centred on a voxel of a foreground class
-  drawn uniformly among the classes present in the case, then a random voxel of that class
-  (nnU-Net's sampling: small organs such as the kidneys or the aorta are seen as often as the
-  liver; drawing voxels uniformly over all foreground would centre most crops on the largest
-  organs). Otherwise the crop is placed uniformly. Volumes smaller than the patch are padded
-  with air (image) and background (label). 2-D crops are axial slices.
-
-  With `label_slices` = K > 0 (2-D only), each case contributes only K axial slices, evenly
-  spaced over the z-range of its labelled voxels (`labelled_slice_indices`): the setting of an
-  annotator who outlines a few slices of a scan. Crops are drawn from those slices only, so
-  training never sees the labels of the others.
-  """
-
-  def __init__(self, store: Any, shape: tuple[int, ...], foreground_prob: float, flip: bool,
-               label_slices: int = 0):
-    if not 0.0 <= foreground_prob <= 1.0:
-      raise ValueError(f'foreground_prob must be in [0, 1], got {foreground_prob}')
-    if label_slices < 0:
-      raise ValueError(f'label_slices must be >= 0, got {label_slices}')
-    if label_slices and len(shape) != 2:
-      # A 3-D crop spans unlabelled slices, whose voxels the loss would take as background.
-      raise ValueError(f'label_slices={label_slices} needs 2-D crops (data.ndim=2); a 3-D crop '
-                       'would train on the unlabelled slices between them as background')
-    self._store = store
-    self._shape = shape
-    self._foreground_prob = foreground_prob
-    self._flip = flip
-    self._label_slices = int(label_slices)
-    self._window = tuple(float(v) for v in store.hu_window)
-    self._foreground: dict[str, list[np.ndarray]] = {}
-    self._slices: dict[str, np.ndarray] = {}
-
-  def _labelled_slices(self, case_id: str, label: np.ndarray) -> np.ndarray:
-    """The axial slices (z indices) of the case whose labels training may see."""
-    if case_id not in self._slices:
-      self._slices[case_id] = labelled_slice_indices(np.asarray(label), self._label_slices)
-    return self._slices[case_id]
-
-  def _foreground_coords(self, case_id: str, label: np.ndarray) -> list[np.ndarray]:
-    """Per foreground class present in the case, (a subsample of) its voxel coordinates."""
-    if case_id not in self._foreground:
-      label = np.asarray(label)
-      per_class = []
-      for value in np.unique(label):
-        if value == 0:
-          continue
-        coords = np.argwhere(label == value).astype(np.int32)
-        if self._label_slices:
-          coords = coords[np.isin(coords[:, 2], self._labelled_slices(case_id, label))]
-          if not len(coords):
-            continue  # The class is not on the labelled slices.
-        stride = -(-len(coords) // _MAX_FOREGROUND_COORDS)
-        per_class.append(coords[::max(stride, 1)])
-      self._foreground[case_id] = per_class
-    return self._foreground[case_id]
-
-  def random_map(self, case_id: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image, label = self._store.image(case_id), self._store.label(case_id)
-    if image.shape != label.shape:
-      raise ValueError(f'case {case_id!r}: image {image.shape} and label {label.shape} differ')
-    n = len(self._shape)
-    p = np.asarray(self._shape)
-    vol = np.asarray(image.shape)
-    foreground = self._foreground_coords(case_id, label)
-    if foreground and rng.random() < self._foreground_prob:
-      coords = foreground[rng.integers(len(foreground))]
-      centre = coords[rng.integers(len(coords))]
-      start3 = np.concatenate([centre[:n] - p // 2, centre[n:]])
-    else:
-      # Uniform start; negative when the volume is smaller (padding both sides).
-      slack = vol[:n] - p
-      start = rng.integers(np.minimum(slack, 0), np.maximum(slack, 0) + 1)
-      if n == 3:
-        start3 = start
-      elif self._label_slices:
-        start3 = np.concatenate([start, [rng.choice(self._labelled_slices(case_id, label))]])
-      else:
-        start3 = np.concatenate([start, [rng.integers(vol[2])]])
-    size3 = np.concatenate([p, np.ones(3 - n, np.int64)])
-    img = views.extract_padded(image, start3, size3, self._window[0]).reshape(self._shape)
-    lab = views.extract_padded(label, start3, size3, 0).reshape(self._shape)
-    if self._flip:
-      axes = tuple(np.flatnonzero(rng.random(n) < 0.5))
-      if axes:
-        img, lab = np.flip(img, axes), np.flip(lab, axes)
-    return {
-        'image': intensity.scale_hu(img, self._window)[..., None],
-        'label': np.ascontiguousarray(lab, dtype=np.int32),
-    }
+    ratio = float(self._cfg.mask_ratio)
+    if ratio > 0:
+      # The masks travel beside the views, not applied to them: the teacher sees both
+      # views whole, only the student's input is masked (by the objective).
+      for k in ('1', '2'):
+        example['student_mask' + k] = views.patch_mask(
+            pair.view1.shape, rng, ratio, int(self._cfg.mask_patch))[..., None]
+    return example
 
 
 def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
@@ -310,7 +200,9 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
 
   Returns:
     A DataLoader whose batches are dicts: `view1`, `view2` `[B, *P, 1]` float32 and
-    `transform1`, `transform2` `[B, n, n + 1]` float32.
+    `transform1`, `transform2` `[B, n, n + 1]` float32; with `data_cfg.mask_ratio` > 0 also
+    `student_mask1`, `student_mask2` `[B, *P, 1]` bool, True where the student's input of
+    that view is hidden.
   """
   return _make_loader(store, split, MakeViewPair(store, data_cfg), data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
@@ -324,7 +216,9 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
                     worker_count: Optional[int] = None,
                     num_epochs: Optional[int] = None,
                     case_ids: Optional[Sequence[str]] = None,
-                    label_slices: int = 0) -> grain.DataLoader:
+                    label_slices: int = 0,
+                    intensity_cfg: Optional[ml_collections.ConfigDict] = None,
+                    scale_range: Optional[Sequence[float]] = None) -> grain.DataLoader:
   """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
 
   Args:
@@ -341,13 +235,16 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
     case_ids: read these cases instead of the whole split (a drawn label fraction).
     label_slices: > 0: only this many evenly spaced axial slices of each case are labelled
       (`LabelledCrop`); needs 2-D crops. 0: whole volumes.
+    intensity_cfg: a `data.intensity` block augmenting the crops' intensities; None: off.
+    scale_range: (low, high) crop resize (`LabelledCrop`); None: no resize.
 
   Returns:
     A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
     and `label` `[B, *P]` int32.
   """
   transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip,
-                           label_slices=label_slices)
+                           label_slices=label_slices, intensity_cfg=intensity_cfg,
+                           scale_range=scale_range)
   return _make_loader(store, split, transform, data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
                       shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,

@@ -13,10 +13,13 @@ A pair is built in four steps:
      `min_overlap` in both views (re-sampled, then pulled together if needed);
   3. a random flip per axis and a random quarter turn in the axial plane (0, 1),
      folded into `T`;
-  4. rendering: an exact slicing path when `T` is an integer signed permutation
-     with an integer offset (no rescale), a separable per-axis linear
-     interpolation for other scaled permutations, `scipy.ndimage.affine_transform`
-     for anything else (and as the reference in tests).
+  4. rendering (`render.render_view`): an exact slicing path when `T` is an
+     integer signed permutation with an integer offset (no rescale), a separable
+     per-axis linear interpolation for other scaled permutations,
+     `scipy.ndimage.affine_transform` for anything else (and as the reference in
+     tests).
+
+`patch_mask` draws the cells of a view hidden from the student (`data.mask_ratio`).
 
 For 2-D (`ndim=2`) both views come from one axial slice, preferring slices that
 contain body, and `T` is `[2, 3]` in the slice's `(x, y)`.
@@ -25,7 +28,10 @@ from typing import NamedTuple, Optional, Sequence
 
 import ml_collections
 import numpy as np
-from scipy import ndimage
+
+from pixssl_jax.data.render import extract_padded  # noqa: F401  (re-exported: used by callers)
+from pixssl_jax.data.render import render_labels  # noqa: F401
+from pixssl_jax.data.render import render_view
 
 # Slices are scored on a strided subsample: a body test does not need every voxel.
 _BODY_STRIDE = 4
@@ -62,123 +68,31 @@ class ViewPair(NamedTuple):
   slice_index: Optional[int]
 
 
-def extract_padded(volume: np.ndarray, start: Sequence[int], size: Sequence[int],
-                   fill: float) -> np.ndarray:
-  """Copies `volume[start:start + size]`, filling out-of-volume voxels with `fill`.
+def patch_mask(shape: Sequence[int], rng: np.random.Generator, ratio: float,
+               patch: int) -> np.ndarray:
+  """A random `ratio` of the `patch`-sided cells of a view, as a voxel mask.
+
+  The view is cut into cells of `patch` voxels per axis (the last cells cut off
+  at the view's edge) and exactly `round(ratio * cells)` of them are chosen, so
+  every view hides the same share.
 
   Args:
-    volume: `[*S]` array (a memory map is fine: only the box is read).
-    start: integer box start per axis (may be negative).
-    size: box size per axis.
-    fill: value for voxels outside the volume.
+    shape: view shape P.
+    rng: the only source of randomness.
+    ratio: share of cells to choose, in [0, 1).
+    patch: cell side in voxels (>= 1).
 
   Returns:
-    `[*size]` array of the volume's dtype.
+    `[*P]` bool, True on the chosen cells.
   """
-  out = np.full(tuple(size), fill, dtype=volume.dtype)
-  src, dst = [], []
-  for s, z, dim in zip(start, size, volume.shape):
-    lo, hi = max(s, 0), min(s + z, dim)
-    if hi <= lo:
-      return out
-    src.append(slice(lo, hi))
-    dst.append(slice(lo - s, hi - s))
-  out[tuple(dst)] = volume[tuple(src)]
-  return out
-
-
-def _axis_aligned(transform: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """Returns (source axis per view axis, step per view axis) if `T` is a scaled permutation."""
-  n = transform.shape[0]
-  nonzero = np.abs(transform[:, :n]) > 1e-9
-  if not (np.all(nonzero.sum(0) == 1) and np.all(nonzero.sum(1) == 1)):
-    return None
-  src_axis = np.argmax(nonzero, axis=0)   # view axis a reads source axis src_axis[a]
-  return src_axis, transform[src_axis, np.arange(n)]
-
-
-def _render_exact(source, src_axis, signs, offset, shape, fill) -> np.ndarray:
-  """Integer signed permutation + integer offset: a box copy, transpose and flips."""
-  n = len(shape)
-  start, size = np.zeros(n, np.int64), np.zeros(n, np.int64)
-  for a in range(n):
-    # Source axis q = src_axis[a] is read at offset_q + sign * (0 .. P_a - 1).
-    q = src_axis[a]
-    size[q] = shape[a]
-    start[q] = offset[q] if signs[a] > 0 else offset[q] - (shape[a] - 1)
-  view = np.transpose(extract_padded(source, start, size, fill), src_axis)
-  flip_axes = tuple(a for a in range(n) if signs[a] < 0)
-  if flip_axes:
-    view = np.flip(view, flip_axes)
-  return np.ascontiguousarray(view, dtype=np.float32)
-
-
-def _render_separable(source, src_axis, steps, offset, shape, fill) -> np.ndarray:
-  """Scaled permutation: multilinear interpolation done as one 1-D lerp per axis.
-
-  Equal to `affine_transform(order=1)` (the weights of multilinear interpolation
-  factor over axes) at a fraction of its cost: 96^3 views are 5-10x faster.
-  """
-  n = len(shape)
-  coords = [steps[a] * np.arange(shape[a]) + offset[src_axis[a]] for a in range(n)]
-  lo, size = np.zeros(n, np.int64), np.zeros(n, np.int64)
-  for a in range(n):
-    # One voxel beyond floor(max) so that `i0 + 1` is always inside the box.
-    q = src_axis[a]
-    lo[q] = np.floor(coords[a].min())
-    size[q] = np.floor(coords[a].max()) + 2 - lo[q]
-  box = np.transpose(extract_padded(source, lo, size, fill), src_axis).astype(np.float32)
-  for a in range(n):
-    c = coords[a] - lo[src_axis[a]]
-    i0 = np.minimum(np.floor(c).astype(np.int64), box.shape[a] - 2)
-    w = (c - i0).astype(np.float32).reshape([-1 if b == a else 1 for b in range(n)])
-    x0 = np.take(box, i0, axis=a)
-    box = x0 + (np.take(box, i0 + 1, axis=a) - x0) * w
-  return np.ascontiguousarray(box, dtype=np.float32)
-
-
-def render_view(source: np.ndarray, transform: np.ndarray, shape: Sequence[int], fill: float,
-                fast_paths: bool = True) -> np.ndarray:
-  """Samples `source` at `T @ [i, 1]` for every view index `i` (linear interpolation).
-
-  Args:
-    source: `[*S]` array with `n` axes (int16 HU or float); outside is `fill`.
-    transform: `[n, n + 1]` view index -> source coordinate.
-    shape: view shape P (length n).
-    fill: value of the source outside its extent (air).
-    fast_paths: when `T` is an integer signed permutation with integer offset,
-      copy by slicing/transpose/flip (exact); when it is any scaled permutation
-      (every T that `crop_transform` builds), interpolate axis by axis. False
-      always uses `scipy.ndimage.affine_transform`, the reference.
-
-  Returns:
-    `[*P]` float32 view.
-  """
-  n = len(shape)
-  transform = np.asarray(transform, np.float64)
-  if source.ndim != n or transform.shape != (n, n + 1):
-    raise ValueError(f'render_view: source {source.shape} / transform {transform.shape} '
-                     f'do not match view shape {tuple(shape)}')
-  offset = transform[:, n]
-  aligned = _axis_aligned(transform) if fast_paths else None
-  if aligned is not None:
-    src_axis, steps = aligned
-    if (np.allclose(np.abs(steps), 1.0, atol=1e-6)
-        and np.allclose(offset, np.round(offset), atol=1e-4)):
-      return _render_exact(source, src_axis, np.sign(steps), np.round(offset).astype(np.int64),
-                           shape, fill)
-    return _render_separable(source, src_axis, steps, offset, shape, fill)
-
-  # Read only the bounding box of the sample points (plus one voxel for the
-  # interpolation stencil), padded with air, then resample inside it.
-  corners = np.stack(np.meshgrid(*[[0, s - 1] for s in shape], indexing='ij'), -1).reshape(-1, n)
-  pts = corners @ transform[:, :n].T + offset
-  lo = np.floor(pts.min(0)).astype(np.int64) - 1
-  hi = np.ceil(pts.max(0)).astype(np.int64) + 2
-  box = extract_padded(source, lo, hi - lo, fill).astype(np.float32)
-  return ndimage.affine_transform(
-      box, transform[:, :n], offset=offset - lo, output_shape=tuple(shape),
-      output=np.float32, order=1, mode='nearest', prefilter=False)
+  cells = [-(-int(s) // patch) for s in shape]
+  count = int(np.prod(cells))
+  chosen = np.zeros(count, bool)
+  chosen[rng.choice(count, int(round(ratio * count)), replace=False)] = True
+  grid = chosen.reshape(cells)
+  for a in range(len(shape)):
+    grid = np.repeat(grid, patch, axis=a)
+  return np.ascontiguousarray(grid[tuple(slice(0, int(s)) for s in shape)])
 
 
 def _homogeneous(linear: np.ndarray, offset: np.ndarray) -> np.ndarray:

@@ -94,6 +94,10 @@ FIELD_RANGES = {
     'data.foreground_prob': _PROBABILITY,
     'data.intensity.prob': _PROBABILITY,
     'data.intensity.window_jitter': _FRACTION,
+    'data.intensity.remap_prob': _PROBABILITY,
+    'data.intensity.remap_nonmonotone_prob': _PROBABILITY,
+    'data.mask_ratio': _FRACTION,
+    'data.mask_patch': _AT_LEAST_ONE,
     'data.intensity.brightness': _NON_NEGATIVE,
     'data.intensity.contrast': _FRACTION,
     'data.intensity.gamma': _NON_NEGATIVE,  # Log-uniform in [1/(1+g), 1+g].
@@ -233,6 +237,11 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
                       f'config.method.{low}={method[low]}.')
   if not (method.use_global or method.use_pixel):
     problems.append('config.method: use_global and use_pixel are both False; nothing to learn.')
+  # The loader hands the masks over beside the views (`student_mask1/2`); until
+  # objective.pretrain_loss hides them from the student, a run with them would be unmasked.
+  if data.mask_ratio > 0:
+    problems.append(f'config.data.mask_ratio={data.mask_ratio}: the pre-training objective does '
+                    'not apply the student masks yet; set it to 0.')
   return problems
 
 
