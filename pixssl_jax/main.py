@@ -19,17 +19,38 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file with an optional preset, e.g. configs/pretrain.py:demo.',
-    lock_config=True)
+from pixssl_jax import config_loading
+
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'Config file with an optional preset, e.g. configs/pretrain.py:demo; set '
+    'any of its fields with --config.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (local or gs://).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_OVERRIDES = []  # (field, raw value) of each --config.FIELD=VALUE, taken out before absl parses.
+
+# Exit codes (docs/running.md): 0 done or stopped by a signal after saving; 1 a fault while
+# running; 2 refused before anything was written.
+EXIT_FAULT, EXIT_REFUSED = 1, 2
+
+
+def _stop(message: str, code: int) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags, once the config overrides (which absl does not know) are taken out."""
+  rest, overrides = config_loading.split_overrides(argv)
+  _OVERRIDES[:] = overrides
+  try:
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    _stop(str(e).splitlines()[0], EXIT_REFUSED)
 
 
 def _distributed_settings() -> dict | None:
@@ -54,44 +75,63 @@ def _distributed_settings() -> dict | None:
   return None
 
 
+def _run_job(config, workdir: str) -> None:
+  from pixssl_jax.train import config_checks  # pylint: disable=g-import-not-at-top
+  if config.mode == 'pretrain':
+    from pixssl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+    pretrain.train(config, workdir)
+  elif config.mode == 'finetune':
+    from pixssl_jax.train import finetune  # pylint: disable=g-import-not-at-top
+    finetune.train_and_evaluate(config, workdir)
+  elif config.mode == 'evaluate':
+    from pixssl_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(config, workdir)
+  else:
+    raise config_checks.ConfigError(
+        f"config.mode={config.mode!r}: choose 'pretrain' (configs/pretrain.py), 'finetune' "
+        "or 'evaluate' (configs/finetune.py).")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _stop(f'unexpected arguments {argv[1:]}; set config fields with --config.FIELD=VALUE',
+          EXIT_REFUSED)
+  try:
+    config = config_loading.load(_CONFIG.value, _OVERRIDES)
+  except config_loading.ConfigLoadError as e:
+    _stop(str(e), EXIT_REFUSED)
   if not flags.FLAGS['verbosity'].present:
     # Orbax and grain log every save and read at INFO; keep the console to our progress lines.
     logging.set_verbosity(logging.WARNING)
-  import jax  # After flag parsing, so --help is instant and env settings apply first.
+  import jax  # pylint: disable=g-import-not-at-top  # After flag parsing: --help is instant.
 
-  settings = _distributed_settings()
+  try:
+    settings = _distributed_settings()
+  except app.UsageError as e:
+    _stop(str(e), EXIT_REFUSED)
   if settings is not None:
     jax.distributed.initialize(**settings)
+  # pylint: disable=g-import-not-at-top
   from pixssl_jax import paths
-  config = _CONFIG.value
+  from pixssl_jax import workdir_lock
+  from pixssl_jax.train import config_checks
+  from pixssl_jax.train import save_errors
+  # pylint: enable=g-import-not-at-top
   # Relative paths are taken from the current directory, here and in the config's path fields.
   workdir = paths.absolute(_WORKDIR.value)
   if jax.process_index() == 0:
     print(f'pixssl_jax: {jax.process_count()} process(es), {jax.device_count()} '
           f'{jax.devices()[0].platform} device(s); workdir {workdir}', flush=True)
-
-  from pixssl_jax.train import config_checks
   try:
-    if config.mode == 'pretrain':
-      from pixssl_jax.train import pretrain
-      pretrain.train(config, workdir)
-    elif config.mode == 'finetune':
-      from pixssl_jax.train import finetune
-      finetune.train_and_evaluate(config, workdir)
-    elif config.mode == 'evaluate':
-      from pixssl_jax.evaluation import evaluate
-      evaluate.evaluate(config, workdir)
-    else:
-      raise config_checks.ConfigError(
-          f"config.mode={config.mode!r}: choose 'pretrain' (configs/pretrain.py), 'finetune' "
-          "or 'evaluate' (configs/finetune.py).")
-  except config_checks.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    with workdir_lock.held(workdir, process_index=jax.process_index()):
+      _run_job(config, workdir)
+  except (config_checks.ConfigError, workdir_lock.WorkdirLocked) as e:
+    _stop(str(e), EXIT_REFUSED)
+  except save_errors.SaveError as e:
+    _stop(str(e), EXIT_FAULT)
+  except FloatingPointError as e:
+    _stop(str(e), EXIT_FAULT)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

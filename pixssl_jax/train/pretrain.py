@@ -28,6 +28,7 @@ from pixssl_jax.train import metrics_writer
 from pixssl_jax.train import objective
 from pixssl_jax.train import optimizers
 from pixssl_jax.train import preemption
+from pixssl_jax.train import save_errors
 
 # ---- Train state ----
 
@@ -258,8 +259,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
                                   process_count=jax.process_count())
   store = case_store.CaseStore(loop.resolve_data_dir(config.data))
   is_chief = jax.process_index() == 0
-  if is_chief:
-    loop.write_config(config, workdir)
   mesh = mesh_lib.make_data_mesh()
 
   data_iter = _make_data_iterator(store, config)
@@ -283,6 +282,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
     print_fn(f'Resumed from step {start_step} in {workdir}'
              + ('' if data_restored else ' (on another process count: data stream '
                                          'repositioned to this step)'))
+  # Only now, past the last check that can refuse the run (a checkpoint of another model
+  # shape does not restore), so a refused run leaves config.json as it was.
+  if is_chief:
+    loop.write_config(config, workdir)
 
   jitted_step = loop.jit_train_step(train_step, model, tx, config, mesh)
   make_maps = jit_pixel_maps(model, config, mesh)
@@ -300,7 +303,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
         pending = loop.finish_step(pending, writer, config)
         checkpointing.save(manager, step, state, data_iter, force=True)
         if stop:
-          manager.wait_until_finished()
+          save_errors.wait(manager)
           print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
           return state
       batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
@@ -314,7 +317,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
     if start_step < config.num_steps:  # The loop's last save was before the final steps.
       checkpointing.save(manager, config.num_steps, state, data_iter, force=True)
   finally:
-    manager.wait_until_finished()
-    stop_requested.close()
-    writer.close()
+    try:
+      save_errors.wait(manager)
+    finally:
+      stop_requested.close()
+      writer.close()
   return state
