@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -302,7 +303,7 @@ def test_prepare_skips_bad_cases_and_writes_store(tmp_path, capsys):
   assert (tmp_path / 'store' / 'tfds' / 'ct_volumes' / '1.0.0' / 'dataset_info.json').exists()
   assert sorted(os.listdir(tmp_path)) == ['raw', 'store']  # no temp dir left
   # An existing store is refused without --overwrite.
-  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store')]) == 1
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store')]) == 2
   assert '--overwrite' in capsys.readouterr().err
 
 
@@ -314,7 +315,7 @@ def test_strict_run_fails_on_first_bad_case_and_leaves_nothing(tmp_path, capsys)
   assert 'label values [1] are not in dataset.json' in str(e.value)
   assert sorted(os.listdir(tmp_path)) == ['raw']
   # Without --strict nothing usable remains either: non-zero exit, still no store.
-  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store')]) == 1
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store')]) == 2
   assert 'no usable case remains' in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == ['raw']
 
@@ -363,7 +364,7 @@ def test_cli_takes_negative_number_lists_as_separate_tokens(tmp_path, monkeypatc
 def test_cli_negative_spacing_is_a_named_error(tmp_path, capsys):
   raw = _msd(tmp_path / 'raw', n=3, n_test=0)
   assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(tmp_path / 'store'),
-                       '--spacing', '-1.5,1.5,2']) == 1
+                       '--spacing', '-1.5,1.5,2']) == 2
   assert '--spacing: needs 3 positive values' in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == ['raw']
 
@@ -397,7 +398,7 @@ def test_overwrite_refuses_raw_and_user_folders_and_leaves_their_files(tmp_path,
                            (raw / 'store', f'is inside --raw_dir {raw}'),
                            (tmp_path, f'contains --raw_dir {raw}')]:
     assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(data_dir), '--overwrite',
-                         '--quiet']) == 1
+                         '--quiet']) == 2
     err = capsys.readouterr().err
     assert err.startswith(f'error: {data_dir}: --data_dir {reason}') and err.count('\n') == 1
     assert _tree(raw) == raw_files
@@ -408,7 +409,7 @@ def test_overwrite_refuses_raw_and_user_folders_and_leaves_their_files(tmp_path,
   for flags, reason in [(['--overwrite'], '--overwrite replaces only stores, nothing was '
                          'touched'), ([], 'choose a new or empty folder')]:
     assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(user), '--quiet',
-                         *flags]) == 1
+                         *flags]) == 2
     assert capsys.readouterr().err == (
         f'error: {user}: --data_dir is not empty and is not a store written by prepare '
         f'(no store.json); {reason}\n')
@@ -422,7 +423,7 @@ def test_empty_folder_is_written_and_only_a_store_is_overwritten(tmp_path, capsy
   store.mkdir()
   assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--quiet']) == 0
   assert json.loads((store / 'splits.json').read_text())['seed'] == 0
-  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--quiet']) == 1
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(store), '--quiet']) == 2
   assert capsys.readouterr().err == (
       f'error: {store}: store already exists; pass --overwrite to replace it\n')
   (store / 'npy_cache').mkdir()  # What CaseStore adds to a store: replaced with it.
@@ -545,3 +546,41 @@ def test_pretrain_split_leaves_out_val_and_test_unless_transductive(tmp_path):
   (tmp_path / 'transductive' / 'splits.json').write_text(json.dumps(every))
   store = case_store.CaseStore(tmp_path / 'transductive', cache_dir=tmp_path / 'cache')
   assert store.split('pretrain') == store.case_ids
+
+
+def test_a_store_json_without_format_version_is_named(tmp_path, capsys):
+  raw = _msd(tmp_path / 'raw', n=3, n_test=0)
+  target = tmp_path / 'store'
+  target.mkdir()
+  (target / 'store.json').write_text('{"cases": {}}')
+  assert prepare.main(['--raw_dir', str(raw), '--data_dir', str(target), '--quiet']) == 2
+  assert '(its store.json has no format_version)' in capsys.readouterr().err
+
+
+def test_folders_labels_that_are_not_classes_are_refused_at_prepare(tmp_path, capsys):
+  aff = np.diag([1.5, 1.5, 2.0, 1.0])
+  for i in range(3):
+    label = np.zeros((12, 12, 10), np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    label[0, 0, 0] = 255 if i == 1 else 0
+    _save(tmp_path / 'raw' / 'images' / f'c{i}.nii.gz', _ct(seed=i), aff)
+    _save(tmp_path / 'raw' / 'labels' / f'c{i}.nii.gz', label, aff)
+  assert prepare.main(['--raw_dir', str(tmp_path / 'raw'), '--data_dir',
+                       str(tmp_path / 'store'), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path / 'raw' / 'labels' / 'c1.nii.gz'}: label value 255 "
+                        '(255 often marks voxels to ignore) is not a class number')
+  assert 'these files hold [1, 255]' in err and err.count('\n') == 1
+  assert sorted(os.listdir(tmp_path)) == ['raw']
+
+
+def test_a_float64_beyond_float32_is_named_without_a_numpy_warning(tmp_path):
+  raw = _msd(tmp_path / 'raw', n=2, n_test=0)
+  data = _ct(seed=1).astype(np.float64)
+  data[1, 2, 3] = 1e300
+  _save(raw / 'imagesTr' / 'case_1.nii.gz', data, np.diag([1.5, 1.5, 2.0, 1.0]))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    summary = prepare.prepare_dataset(raw, tmp_path / 'store', verbose=False)
+  [(_, message)] = summary.skipped
+  assert message.startswith('image has 1 NaN or Inf voxels (or values beyond the float32')

@@ -109,7 +109,10 @@ def load_volume(path, what: str = 'image') -> tuple[nib.Nifti1Image, np.ndarray]
     raise CaseError(path, f'affine is singular or not finite: {np.round(affine, 4).tolist()}')
   try:
     if what == 'image':
-      data = img.get_fdata(dtype=np.float32)
+      # A float64 value beyond float32's range becomes Inf here, which `_check_image` names;
+      # numpy's overflow warning would only repeat it, in nibabel's words.
+      with np.errstate(over='ignore'):
+        data = img.get_fdata(dtype=np.float32)
     else:
       data = np.asanyarray(img.dataobj)
   except (EOFError, zlib.error, OSError, ValueError) as e:
@@ -177,7 +180,8 @@ def to_original_grid(volume: np.ndarray, affine: np.ndarray, original_affine: np
 def _check_image(path, data: np.ndarray) -> None:
   finite = np.isfinite(data)
   if not finite.all():
-    raise CaseError(path, f'image has {int(data.size - finite.sum())} NaN or Inf voxels')
+    raise CaseError(path, f'image has {int(data.size - finite.sum())} NaN or Inf voxels (or '
+                    'values beyond the float32 range, which cannot be HU either)')
   lo, hi = float(data.min()), float(data.max())
   if max(-lo, hi) > MAX_ABS_HU:
     n = int(np.count_nonzero(np.abs(data) > MAX_ABS_HU))

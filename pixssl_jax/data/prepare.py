@@ -382,7 +382,7 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
   staging.mkdir(parents=True)
   try:
     cases_meta = {}
-    found_labels = set()
+    label_files = {}  # Each label value > 0 -> the first label file holding it.
     for k, case in enumerate(raw.cases):
       t0 = time.time()
       try:
@@ -399,7 +399,9 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
           staging / f'{case.case_id}.npz', case.case_id, pre.image, pre.label, pre.spacing,
           pre.affine, pre.original_affine, pre.original_shape, pre.original_spacing)
       if pre.label is not None:
-        found_labels.update(int(v) for v in np.unique(pre.label) if v)
+        for value in np.unique(pre.label):
+          if value:
+            label_files.setdefault(int(value), case.label)
       cases_meta[case.case_id] = {
           'shape': list(pre.image.shape), 'spacing': list(pre.spacing),
           'affine': pre.affine.tolist(), 'original_affine': pre.original_affine.tolist(),
@@ -415,6 +417,8 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
     if not cases_meta:
       raise PrepareError(raw.root, 'no usable case remains; skipped: '
                          + '; '.join(f'{p}: {r}' for p, r in skipped))
+    if raw.label_names is None:
+      _check_consecutive_labels(label_files)
 
     if verbose:
       print(f'writing the TFDS ArrayRecord store ({len(cases_meta)} cases)...', flush=True)
@@ -424,7 +428,7 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
     label_names = raw.label_names
     if label_names is None:
       # No dataset.json: name the classes found in the data.
-      label_names = {0: 'background', **{v: f'class_{v}' for v in sorted(found_labels)}}
+      label_names = {0: 'background', **{v: f'class_{v}' for v in sorted(label_files)}}
     split_map = splits_lib.make_splits(cases_meta, labelled, seed=seed,
                                        val_fraction=val_fraction, test_fraction=test_fraction,
                                        transductive=transductive)
@@ -454,6 +458,23 @@ def prepare_dataset(raw_dir, data_dir, spacing: Sequence[float] = (1.5, 1.5, 2.0
       shutil.rmtree(tmp_dir, ignore_errors=True)
   return PrepareSummary(data_dir=data_dir, written=sorted(cases_meta), labelled=labelled,
                         skipped=skipped, seconds=time.time() - start)
+
+
+def _check_consecutive_labels(label_files: Mapping[int, str]) -> None:
+  """Without a dataset.json naming them, the label values are the classes 0..K-1.
+
+  Fine-tuning needs exactly those (a class per output channel); any other value, such as 255
+  for "ignore", would only be refused there, after the whole store was written.
+  """
+  values = sorted(label_files)
+  odd = [v for v in values if v > len(values)]
+  if not odd:
+    return
+  hint = ' (255 often marks voxels to ignore)' if 255 in odd else ''
+  raise PrepareError(label_files[odd[0]], f'label value {odd[0]}{hint} is not a class '
+                     f'number: without a dataset.json naming the classes, the label values '
+                     f'must be 0 (background) to K-1, and these files hold {values}; remap '
+                     'the labels to consecutive class numbers')
 
 
 # --- The store folder: where a store may go, its temporary folders, the final rename. ---
@@ -507,14 +528,24 @@ def _remove_stale_temps(data_dir: str) -> list[str]:
   return removed
 
 
-def _is_store(path: str) -> bool:
-  """Whether `path` holds a store written by `prepare` (a store.json with a format version)."""
+def _not_a_store(path: str) -> str | None:
+  """Why `path` does not hold a store written by `prepare`; None when it does (a store.json
+  with a format version)."""
+  store_json = os.path.join(path, 'store.json')
+  if not os.path.exists(store_json):
+    return 'no store.json'
   try:
-    with open(os.path.join(path, 'store.json')) as f:
+    with open(store_json) as f:
       meta = json.load(f)
-  except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError.
-    return False
-  return isinstance(meta, dict) and 'format_version' in meta
+  except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError.
+    return f'its store.json does not read: {type(e).__name__}'
+  if not isinstance(meta, dict) or 'format_version' not in meta:
+    return 'its store.json has no format_version'
+  return None
+
+
+def _is_store(path: str) -> bool:
+  return _not_a_store(path) is None
 
 
 def _check_target(data_dir: str, overwrite: bool) -> None:
@@ -523,12 +554,13 @@ def _check_target(data_dir: str, overwrite: bool) -> None:
     return
   if not os.path.isdir(data_dir):
     raise PrepareError(data_dir, '--data_dir exists and is not a folder')
-  if _is_store(data_dir):
+  not_a_store = _not_a_store(data_dir)
+  if not_a_store is None:
     if not overwrite:
       raise PrepareError(data_dir, 'store already exists; pass --overwrite to replace it')
   elif os.listdir(data_dir):
     raise PrepareError(data_dir, '--data_dir is not empty and is not a store written by '
-                       'prepare (no store.json); ' + (
+                       f'prepare ({not_a_store}); ' + (
                            '--overwrite replaces only stores, nothing was touched' if overwrite
                            else 'choose a new or empty folder'))
 
@@ -654,7 +686,12 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command line (module docstring); returns the exit status (0, 1, or 143 on SIGTERM)."""
+  """The command line (module docstring); returns the exit status.
+
+  0: the store was written; 2: refused (a bad argument, raw folder or target, no usable case,
+  a bad case with --strict), nothing written; 1: a fault while writing (no space, I/O);
+  143: stopped by SIGTERM. Argument errors that argparse finds exit 2 too.
+  """
   parser = argparse.ArgumentParser(prog='python -m pixssl_jax.data.prepare',
                                    description=__doc__.split('\n')[0])
   add = parser.add_argument
@@ -692,8 +729,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_fraction=args.test_fraction, images_dir=args.images_dir,
         labels_dir=args.labels_dir, overwrite=args.overwrite, verbose=not args.quiet,
         transductive=args.transductive)
-  except CaseError as e:
+  except CaseError as e:  # Refused: the temporary store is gone, nothing was written.
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:  # A fault while writing (a full disk): the temporary store is gone.
+    print(f'error: writing the store {args.data_dir} failed: {e}', file=sys.stderr)
     return 1
   except Terminated:
     print('error: stopped by SIGTERM; temporary files removed', file=sys.stderr)
