@@ -15,21 +15,20 @@ import ml_collections
 from etils import epath
 
 from pixssl_jax.data import default_dataset
-from pixssl_jax.data import splits as splits_lib
 from pixssl_jax.losses import WEIGHTING_FORMS
 from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.models import layers
 from pixssl_jax.models import pixssl
+from pixssl_jax.rundir import config_io
+from pixssl_jax.rundir.config_io import MISSING  # pylint: disable=unused-import
+from pixssl_jax.rundir.config_io import ConfigError
+from pixssl_jax.rundir.config_io import field_at
 from pixssl_jax.train.objective import MATCH_MODES
-
-
-class ConfigError(ValueError):
-  """The config or the workdir cannot run; the message lists every problem found."""
 
 
 OPTIMIZERS = ('adamw', 'lars')
 FINETUNE_MODES = ('finetune', 'evaluate')  # The modes of configs/finetune.py.
-INITS = ('pretrained', 'scratch')
+INITS = ('pretrained', 'scratch', 'file')
 
 
 def _number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -147,19 +146,6 @@ FIELD_RANGES = {
     'eval.mc_samples': _AT_LEAST_ONE,
     'eval.val_max_cases': _number(0),
 }
-
-MISSING = object()  # What `field_at` returns for a field the config does not have.
-
-
-def field_at(config: ml_collections.ConfigDict, path: str) -> Any:
-  """The value of the dotted field `path` ('optim.learning_rate'), or MISSING."""
-  node = config
-  for name in path.split('.'):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
-      return MISSING
-    node = node[name]
-  return node
-
 
 def range_problems(config: ml_collections.ConfigDict) -> list[str]:
   """One message per field of `FIELD_RANGES` whose value is out of its range."""
@@ -285,6 +271,9 @@ def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count:
   if config.mode == 'finetune' and config.init == 'pretrained' and not config.pretrained_workdir:
     problems.append("config.pretrained_workdir is not set: pass the pre-training workdir, or "
                     "--config.init=scratch to train from random weights.")
+  if config.mode == 'finetune' and config.init == 'file' and not config.get('init_file'):
+    problems.append('config.init=file needs config.init_file: a weights file written by '
+                    'python -m pixssl_jax.export_weights (.safetensors or .npz).')
   if config.load not in load_pretrained.PARTS:
     problems.append(f'config.load={config.load!r}: choose one of '
                     f'{sorted(load_pretrained.PARTS)}.')
@@ -302,19 +291,7 @@ def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count:
                     f'[0, {len(model.features) - 1}] for {len(model.features)} U-Net levels.')
   if config.pretrained_step is not None and config.pretrained_step < 0:
     problems.append(f'config.pretrained_step={config.pretrained_step}: must be >= 0.')
-  if config.eval.split not in splits_lib.SPLIT_NAMES:
-    problems.append(f'config.eval.split={config.eval.split!r}: choose one of '
-                    f'{splits_lib.SPLIT_NAMES}.')
-  checkpoint = str(config.eval.checkpoint)
-  if checkpoint not in ('best', 'last') and not checkpoint.isdigit():
-    problems.append(f"config.eval.checkpoint={config.eval.checkpoint!r}: use 'best', 'last' or "
-                    'a step number.')
-  if config.eval.uncertainty and model.head_dropout <= 0:
-    problems.append('config.eval.uncertainty needs config.model.head_dropout > 0 '
-                    '(MC dropout samples the head).')
-  if config.eval.uncertainty and config.eval.mc_samples < 2:
-    problems.append(f'config.eval.mc_samples={config.eval.mc_samples}: must be >= 2.')
-  return problems
+  return problems + config_io.eval_problems(config)
 
 
 def validate_finetune(config: ml_collections.ConfigDict, workdir: str) -> None:

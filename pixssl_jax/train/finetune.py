@@ -6,7 +6,6 @@ label split and the model (shared with `pixssl_jax.evaluation.evaluate`); the st
 optimizer; the pure `train_step`; validation and the loop, `train_and_evaluate`.
 """
 
-import json
 import math
 from typing import Any
 
@@ -16,15 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 
+from pixssl_jax import config_files
 from pixssl_jax import paths
+from pixssl_jax import weights_file
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.evaluation import inference
 from pixssl_jax.evaluation import metrics as metrics_lib
 from pixssl_jax.losses import segmentation as seg_losses
 from pixssl_jax.models import segmentation
+from pixssl_jax.rundir import config_io
+from pixssl_jax.rundir import networks
+from pixssl_jax.rundir import run_record
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import load_pretrained
@@ -43,25 +46,47 @@ _HINT = 'check the labels'
 
 # ---- Config, labelled cases and the model ----
 
-def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy with the derived fields filled in: `model.head_level` (see configs/finetune.py).
+def _preset_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  try:
+    return config_files.load('finetune', config.get('preset'))
+  except (ValueError, FileNotFoundError):
+    return None  # Not a preset of configs/finetune.py: every field counts as stated.
 
-  Evaluation takes it from the fine-tuning run's `config.json`, so it scores the network that
-  was trained whatever the pre-training workdir holds now.
+
+def _source_model(config: ml_collections.ConfigDict) -> tuple[str, Any] | None:
+  """(where, model fields) of the backbone a fine-tuning starts from; None from scratch."""
+  if config.init == 'pretrained' and config.pretrained_workdir:
+    source = load_pretrained.read_pretrain_config(config.pretrained_workdir)
+    return f'the pre-training run {config.pretrained_workdir}', source.model
+  if config.init == 'file' and config.get('init_file'):
+    try:
+      _, meta = weights_file.load(config.init_file)
+    except weights_file.WeightsFileError as e:
+      raise config_checks.ConfigError(f'config.init_file: {e}') from None
+    return f'the weights file {config.init_file}', ml_collections.ConfigDict(meta['model'])
+  return None
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy with the derived fields filled in: the backbone's fields and `model.head_level`.
+
+  The backbone's shape fields (`rundir.networks.BACKBONE_FIELDS`) come from the run or file it
+  starts from, unless the command line states them (they differ from the preset's); a stated
+  value that differs is kept, and strict loading then names every mis-shaped tensor.
+  `model.head_level` None is 0, or for a linear probe the pre-training's `pixel_level`.
   """
+  del workdir  # The fine-tuning's own workdir adds nothing; kept for callers' symmetry.
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy; the caller's is kept.
+  source = _source_model(config)
+  if source is not None:
+    stated = config_io.stated_fields(config, _preset_defaults(config))
+    for field in networks.BACKBONE_FIELDS:
+      if f'model.{field}' not in stated and field in source[1]:
+        config.model[field] = source[1][field]
   if config.model.head_level is None:
     level = 0
-    written = epath.Path(workdir) / 'config.json'
-    if config.mode == 'evaluate' and written.exists():
-      model = json.loads(written.read_text()).get('model', {})
-      if 'head_level' not in model:
-        raise config_checks.ConfigError(
-            f'{workdir} holds no fine-tuning run ({written} has no model.head_level: a '
-            'pre-training run?); evaluate the --workdir that --config.mode=finetune wrote.')
-      level = model['head_level']
-    elif config.linear_probe and config.init == 'pretrained' and config.pretrained_workdir:
-      level = load_pretrained.read_pretrain_config(config.pretrained_workdir).model.pixel_level
+    if config.linear_probe and source is not None and 'pixel_level' in source[1]:
+      level = source[1].pixel_level
     config.model.head_level = int(level)
   return config
 
@@ -116,13 +141,7 @@ def num_classes(store: case_store.CaseStore) -> int:
 
 def build_model(config: ml_collections.ConfigDict,
                 store: case_store.CaseStore) -> segmentation.SegmentationModel:
-  try:
-    return segmentation.build_segmentation_model(config.model, config.data.ndim,
-                                                 num_classes(store))
-  except ValueError as e:
-    if isinstance(e, config_checks.ConfigError):
-      raise
-    raise config_checks.ConfigError(f'config.{e}') from None
+  return networks.segmentation_model(config, num_classes(store))
 
 
 # ---- Fine-tuning state ----
@@ -191,14 +210,19 @@ def initial_state(model, tx, config, mesh, print_fn=print) -> SegState:
   """Step-0 state: random init, then the pre-trained backbone merged in (strictly)."""
   params = jax.jit(segmentation.init_segmentation_params, static_argnums=(0, 2))(
       model, jax.random.key(config.seed, impl='rbg'), _sample_shape(config))
-  if config.init == 'pretrained':
-    source, step = load_pretrained.restore_student_params(config.pretrained_workdir,
-                                                          config.pretrained_step)
+  if config.init in ('pretrained', 'file'):
+    if config.init == 'pretrained':
+      source, step = load_pretrained.restore_student_params(config.pretrained_workdir,
+                                                            config.pretrained_step)
+      origin = f'{config.pretrained_workdir} (step {step})'
+    else:
+      source, meta = weights_file.load(config.init_file)
+      origin = (f'{config.init_file} (step {meta["source"]["step"]} of '
+                f'{meta["source"]["workdir"]})')
     params, loaded = load_pretrained.merge_backbone(jax.device_get(params), source,
                                                     part=config.load,
                                                     skip=tuple(config.skip_params))
-    print_fn(f'Loaded {len(loaded)} pre-trained {config.load} tensors from '
-             f'{config.pretrained_workdir} (step {step})'
+    print_fn(f'Loaded {len(loaded)} pre-trained {config.load} tensors from {origin}'
              + (f'; left at random init: {list(config.skip_params)}' if config.skip_params
                 else ''))
   else:
@@ -274,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   if is_chief:
     loop.write_config(config, workdir)
+    run_record.write(workdir, store)  # What prediction needs without the store.
   mesh = mesh_lib.make_data_mesh()
   tx = make_optimizer(config)
   described, train_ids = label_split(store, config.label_fraction, config.seed,
