@@ -113,8 +113,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.mode = 'finetune'  # 'finetune' | 'evaluate'.
   config.preset = preset
   config.seed = 0
-  config.init = 'pretrained'  # 'pretrained' (needs pretrained_workdir) | 'scratch'.
+  # 'pretrained' (needs pretrained_workdir) | 'file' (needs init_file) | 'scratch'.
+  config.init = 'pretrained'
   config.pretrained_workdir = config_dict.placeholder(str)
+  # A weights file from python -m pixssl_jax.export_weights (.safetensors or .npz), for init=file.
+  config.init_file = config_dict.placeholder(str)
   config.pretrained_step = config_dict.placeholder(int)  # None: the latest checkpoint.
   config.load = 'encoder_decoder'  # 'encoder_decoder' [paper] | 'encoder'.
   # Parameter paths or prefixes left at random initialisation and not checked when loading,

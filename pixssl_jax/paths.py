@@ -2,7 +2,7 @@
 
 Orbax refuses relative checkpoint paths (and raises in a background thread at the first save,
 after the steps ran), and a relative path would also change meaning if the working directory
-did. So `--workdir`, `pretrained_workdir`, `data.data_dir` and `data.cache_dir` are resolved
+did. So `--workdir`, `pretrained_workdir`, `init_file`, `data.data_dir` and `data.cache_dir` are resolved
 against the current directory when a run starts; URLs such as `gs://bucket/run` are kept as
 they are.
 """
@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 # Config fields that hold a local path or a URL, where present in a config.
-CONFIG_PATH_FIELDS = ('pretrained_workdir', 'data.data_dir', 'data.cache_dir')
+CONFIG_PATH_FIELDS = ('pretrained_workdir', 'init_file', 'data.data_dir', 'data.cache_dir')
 
 
 def is_url(path: str) -> bool:

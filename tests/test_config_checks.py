@@ -162,7 +162,7 @@ def test_missing_or_unprepared_data_dir_is_named_before_anything_is_written(tmp_
 @pytest.mark.parametrize('file', ['pretrain', 'finetune'])
 def test_config_upgrade_leaves_current_configs_alone_and_fills_old_ones(file):
   from pixssl_jax import config_files
-  from pixssl_jax.train import config_upgrade
+  from pixssl_jax.rundir import config_upgrade
   current = config_files.load(file, 'tiny')
   # Every added field is in today's config files: upgrading a current config changes nothing.
   assert config_upgrade.upgrade(current).to_dict() == current.to_dict()

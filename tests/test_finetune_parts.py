@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pixssl_jax import config_files
+from pixssl_jax.evaluation import evaluate
 from pixssl_jax.evaluation import inference
 from pixssl_jax.losses import segmentation as seg_losses
 from pixssl_jax.models import pixssl
@@ -204,4 +205,4 @@ def test_evaluating_a_pretraining_workdir_is_a_clear_error(tmp_path):
   config = config_files.load('finetune', 'tiny')
   config.mode = 'evaluate'
   with pytest.raises(config_checks.ConfigError, match='holds no fine-tuning run.*mode=finetune'):
-    finetune.resolve(config, str(tmp_path))
+    evaluate.run_config(str(tmp_path), config)

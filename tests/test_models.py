@@ -11,7 +11,7 @@ from pixssl_jax.models import layers
 from pixssl_jax.models import segmentation
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.models.unet import UNet
-from pixssl_jax.train import config_upgrade
+from pixssl_jax.rundir import config_upgrade
 
 TINY = dict(features=(8, 16, 32), num_groups=4, proj_hidden=32, proj_dim=16, pixel_level=2,
             pixel_hypercolumn=False, pixel_proj_dim=16, stabilizer_hidden=32,

@@ -12,7 +12,7 @@ from pixssl_jax import config_files
 from pixssl_jax import losses
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
-from pixssl_jax.train import config_upgrade
+from pixssl_jax.rundir import config_upgrade
 from pixssl_jax.train.objective import stabilized_prediction
 from pixssl_jax.train.objective import pretrain_loss
 

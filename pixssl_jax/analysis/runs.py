@@ -20,7 +20,7 @@ from etils import epath
 from pixssl_jax.data import case_store
 from pixssl_jax.models import pixssl
 from pixssl_jax.train import checkpointing
-from pixssl_jax.train import config_upgrade
+from pixssl_jax.rundir import config_upgrade
 from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import optimizers

@@ -8,8 +8,14 @@ store grid, the cheap way, with the same `inference.VolumeScorer`.
 
 Every process scores its share of the cases (round-robin) on its first local device; process 0
 merges the rows and writes `metrics.csv`/`metrics.json`.
+
+The run describes itself: its `config.json` gives every field the command line does not state,
+so `python -m pixssl_jax.evaluation.evaluate --workdir RUN` (console script `pixssl-evaluate`)
+needs nothing else, and `python -m pixssl_jax.main --config configs/finetune.py:PRESET
+--workdir RUN --config.mode=evaluate` need not repeat the fine-tuning overrides.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -19,20 +25,22 @@ import jax
 import ml_collections
 import nibabel as nib
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from pixssl_jax import config_files
 from pixssl_jax import paths
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.evaluation import export
 from pixssl_jax.evaluation import inference
 from pixssl_jax.evaluation import metrics as metrics_lib
-from pixssl_jax.train import checkpointing
-from pixssl_jax.train import config_checks
-from pixssl_jax.train import finetune
-from pixssl_jax.train import loop
+from pixssl_jax.rundir import checkpoints
+from pixssl_jax.rundir import config_io
+from pixssl_jax.rundir import networks
+from pixssl_jax.rundir import run_record
+
+FINETUNE_MODES = ('finetune', 'evaluate')
 
 
 def _raw_label(store: case_store.CaseStore, case_id: str) -> np.ndarray | None:
@@ -46,64 +54,72 @@ def _raw_label(store: case_store.CaseStore, case_id: str) -> np.ndarray | None:
   return np.rint(np.asarray(nib.load(path).dataobj, np.float64)).astype(np.int32)
 
 
-def _readable_metrics(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The saved metrics of `step`; None, with a warning line, when its `meta` does not read."""
-  try:
-    return checkpointing.saved_metrics(manager, step)
-  except Exception as e:  # pylint: disable=broad-except
-    # A damaged step cannot be the best; say so instead of ranking without it in silence.
-    print(f'warning: checkpoint step {step} left out of the choice of the best: its metrics '
-          f'do not read ({checkpointing.step_path(manager, step)}: '
-          f'{checkpointing.short_reason(e)}).', file=sys.stderr, flush=True)
-    return None
-
-
-def choose_checkpoint(manager: ocp.CheckpointManager, which) -> int:
+def choose_checkpoint(manager, which) -> int:
   """The step of `config.eval.checkpoint`: 'best' (highest val Dice), 'last', or a step."""
-  steps = sorted(manager.all_steps())
-  where = manager.directory
-  if not steps:
-    raise config_checks.ConfigError(f'no checkpoint in {where}: fine-tune first '
-                                    '(same command with --config.mode=finetune)')
-  if which == 'last':
-    return steps[-1]
-  if which == 'best':
-    scored = [(m['val_dice'], s) for s in steps
-              if (m := _readable_metrics(manager, s)) and m.get('val_dice') is not None]
-    return max(scored)[1] if scored else steps[-1]
+  return checkpoints.choose_step(manager, which)
+
+
+def _preset_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
   try:
-    step = int(which)
-  except (TypeError, ValueError):
-    raise config_checks.ConfigError(
-        f"config.eval.checkpoint={which!r}: use 'best', 'last' or a step number") from None
-  if step not in steps:
-    raise config_checks.ConfigError(f'config.eval.checkpoint={step}: no such checkpoint in '
-                                    f'{where} (have {steps})')
-  return step
+    return config_files.load('finetune', config.get('preset'))
+  except (ValueError, FileNotFoundError):
+    return None  # Not a preset of configs/finetune.py: every field counts as stated.
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> list[dict]:
+def run_config(workdir: str, config: ml_collections.ConfigDict | None = None,
+               overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config an evaluation of `workdir` uses: the run's own, with the stated fields on top.
+
+  Args:
+    workdir: a fine-tuning run.
+    config: a full fine-tuning config (preset + overrides, as `main` passes it), or None. The
+      fields where it differs from its preset are taken as stated; the others come from the
+      run's `config.json`, so fine-tuning overrides need not be repeated.
+    overrides: dotted fields to set, instead of those derived from `config`.
+
+  Returns:
+    The merged config with mode 'evaluate'; `config` itself where the workdir holds no
+    `config.json` yet (nothing fine-tuned there: the checkpoint check says so).
+  """
+  if not (epath.Path(workdir) / config_io.CONFIG_FILE).exists() and config is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.head_level is None:
+      config.model.head_level = 0  # Nothing was fine-tuned: the checkpoint check says so.
+    return config
+  written = config_io.read_config(workdir, what='--workdir')
+  if written.get('mode') not in FINETUNE_MODES or written.model.get('head_level') is None:
+    raise config_io.ConfigError(
+        f'{workdir} holds no fine-tuning run ({workdir}/config.json is from a '
+        f'{written.get("mode")!r} run); evaluate the --workdir that --config.mode=finetune '
+        'wrote.')
+  if overrides is None:
+    overrides = {} if config is None else config_io.stated_fields(config,
+                                                                  _preset_defaults(config))
+  overrides = {k: v for k, v in overrides.items() if k not in ('mode', 'preset')}
+  merged = config_io.apply_overrides(written, overrides)
+  merged.mode = 'evaluate'
+  return merged
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str, print_fn=print,
+             overrides: dict | None = None) -> list[dict]:
   """`--config.mode=evaluate`: predictions, NIfTI export and metrics of `config.eval.split`.
+
+  The run's own `config.json` gives every field not stated (`run_config`).
 
   Returns:
     The summary rows (one per organ, then 'mean'); process 0 also wrote
     `WORKDIR/metrics.csv`, `WORKDIR/metrics.json` and `WORKDIR/predictions/`.
   """
-  config, workdir = paths.with_absolute_paths(config), paths.absolute(workdir)
-  config_checks.validate_finetune(config, workdir)
-  config = finetune.resolve(config, workdir)
-  store = case_store.CaseStore(loop.resolve_data_dir(config.data))
-  model = finetune.build_model(config, store)
-  tx = finetune.make_optimizer(config)
-  # Read-only: evaluation neither creates, cleans nor deletes checkpoints.
-  manager = checkpointing.open_reader(checkpointing.checkpoint_dir(workdir))
-  step = choose_checkpoint(manager, config.eval.checkpoint)
-  # The chosen step or a clear error: scoring another checkpoint than asked would mislead.
-  state, _, _ = checkpointing.restore_latest(
-      manager, finetune.abstract_state(model, tx, config), None, step=step,
-      choose='--config.eval.checkpoint=STEP')
-  manager.close()
-  params = inference.local_copy(state.params)
+  workdir = paths.absolute(workdir)
+  config = paths.with_absolute_paths(run_config(workdir, config, overrides))
+  problems = config_io.eval_problems(config)
+  if problems:
+    raise config_io.ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+  store = case_store.CaseStore(config_io.resolve_data_dir(config.data))
+  model = networks.segmentation_model(config, len(store.label_names))
+  params, step = networks.restore_segmentation_params(workdir, config, model,
+                                                      config.eval.checkpoint)
   print_fn(f'Evaluating checkpoint {step} ({config.eval.checkpoint}) on split '
            f'{config.eval.split!r} of {store.data_dir}')
 
@@ -172,3 +188,25 @@ def _gather_rows(rows: list[dict], grids: set, workdir: str) -> tuple[list[dict]
     path.unlink()
   return all_rows, all_grids
 
+
+
+def main(argv=None) -> int:
+  """`python -m pixssl_jax.evaluation.evaluate --workdir RUN [--config.FIELD=VALUE ...]`.
+
+  Evaluates a fine-tuning run with its own config; each `--config.FIELD=VALUE` (a Python
+  literal or a bare string) overrides one field. Returns the exit status (2: config error).
+  """
+  parser = argparse.ArgumentParser(prog='pixssl-evaluate',
+                                   description=main.__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
+  args, rest = parser.parse_known_args(argv)
+  try:
+    evaluate(None, args.workdir, overrides=config_io.parse_overrides(rest))
+  except config_io.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

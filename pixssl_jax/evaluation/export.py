@@ -53,14 +53,19 @@ def _geometry(meta: Mapping, what: str, volume: np.ndarray | None = None):
 
 
 def _atomic_save(data: np.ndarray, affine: np.ndarray, path: str) -> str:
-  if not path.endswith(nifti_io.NIFTI_SUFFIXES):
-    raise ValueError(f'{path}: output name must end in .nii.gz or .nii')
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   img = nib.Nifti1Image(data, affine)
   img.set_qform(affine, code=1)
   img.set_sform(affine, code=1)
   img.header.set_xyzt_units('mm')
+  return _write_atomically(img, path)
+
+
+def _write_atomically(img, path: str) -> str:
+  """Saves `img` under a temporary name beside `path`, then renames it to `path`."""
+  if not path.endswith(nifti_io.NIFTI_SUFFIXES):
+    raise ValueError(f'{path}: output name must end in .nii.gz or .nii')
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   suffix = '.nii.gz' if path.endswith('.nii.gz') else '.nii'  # nibabel picks gzip by suffix.
   tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}-'
                      f'{uuid.uuid4().hex[:8]}{suffix}')
@@ -71,6 +76,28 @@ def _atomic_save(data: np.ndarray, affine: np.ndarray, path: str) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
+
+
+def save_on_reference_grid(data: np.ndarray, reference, path: str) -> str:
+  """Saves `data` with `reference`'s header geometry, so it reads back with the same affine.
+
+  The qform, the sform and their codes are copied from the reference NIfTI image as stored
+  (not recomputed from its affine, which float rounding could change), and the scaling is
+  cleared, so `data` is written as it is.
+
+  Args:
+    data: `[*reference.shape[:3]]` array (uint8 labels, float32 maps).
+    reference: the nibabel image of the input scan.
+    path: output `.nii.gz` or `.nii`.
+  """
+  if tuple(data.shape) != tuple(reference.shape[:3]):
+    raise ValueError(f'{path}: array of shape {tuple(data.shape)} is not on the reference '
+                     f'grid {tuple(reference.shape[:3])}')
+  header = reference.header.copy()
+  header.set_data_dtype(data.dtype)
+  header.set_slope_inter(None, None)
+  # affine=None: nibabel then takes the geometry from the header instead of rewriting it.
+  return _write_atomically(type(reference)(data, None, header=header), path)
 
 
 def labels_on_original_grid(labels: np.ndarray, meta: Mapping, what: str = 'labels'

@@ -119,12 +119,19 @@ class VolumeScorer:
                if uncertainty else jit_probabilities(model))
     self._predictor = volume_predictor(prob_fn, config.data.ndim)
 
+  def outputs(self, params, image: np.ndarray) -> np.ndarray:
+    """`[X, Y, Z, K]` class probabilities (then the uncertainty channel, if asked for)."""
+    ev = self._config.eval
+    return predict_volume(self._predictor, params, image, ndim=self._config.data.ndim,
+                          patch_size=self._config.data.patch_size, overlap=ev.overlap,
+                          batch_size=ev.batch_size, gaussian=ev.gaussian)
+
   def predict(self, params, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels `[X, Y, Z]` uint8 and the uncertainty map (or None) for one scaled image."""
-    ev = self._config.eval
-    out = predict_volume(self._predictor, params, image, ndim=self._config.data.ndim,
-                         patch_size=self._config.data.patch_size, overlap=ev.overlap,
-                         batch_size=ev.batch_size, gaussian=ev.gaussian)
+    return self.split(self.outputs(params, image))
+
+  def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels, uncertainty or None) of `outputs`."""
     labels = np.argmax(out[..., :self._num_classes], axis=-1).astype(np.uint8)
     uncertainty = out[..., self._num_classes] if out.shape[-1] > self._num_classes else None
     return labels, uncertainty

@@ -9,7 +9,7 @@ scattered through the code.
 import ml_collections
 
 from pixssl_jax.data import default_dataset
-from pixssl_jax.train import config_checks
+from pixssl_jax.rundir import config_io
 
 _PRETRAIN, _FINETUNE = 'pretrain', 'finetune'
 
@@ -27,6 +27,7 @@ ADDED_FIELDS = (
     ('optim.head_warmup_steps', 0, (_FINETUNE,)),
     ('label_count', 0, (_FINETUNE,)),
     ('label_slices', 0, (_FINETUNE,)),
+    ('init_file', None, (_FINETUNE,)),
 )
 
 
@@ -50,7 +51,7 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if kind not in files:
       continue
     parent, _, leaf = path.rpartition('.')
-    node = config_checks.field_at(config, parent) if parent else config
-    if node is not config_checks.MISSING and leaf not in node:
+    node = config_io.field_at(config, parent) if parent else config
+    if node is not config_io.MISSING and leaf not in node:
       node[leaf] = value
   return config

@@ -2,40 +2,22 @@
 one jit of a train step, and the per-step finish (wait, non-finite check, log)."""
 
 import functools
-import json
 import math
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import optax
-from etils import epath
 from flax import linen as nn
 
 from pixssl_jax import xla_options
-from pixssl_jax.data import default_dataset
+# A run's config and store are read below train/; the loops use them under these names.
+from pixssl_jax.rundir.config_io import resolve_data_dir  # pylint: disable=unused-import
+from pixssl_jax.rundir.config_io import write_config  # pylint: disable=unused-import
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
 
 Metrics = dict[str, jax.Array]
-
-
-def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
-  """The prepared store to read: the configured one, or the embedded phantom dataset."""
-  if data_cfg.data_dir:
-    return data_cfg.data_dir
-  return default_dataset.ensure_phantom_store(
-      cache_root=data_cfg.cache_dir, num_cases=data_cfg.num_phantoms,
-      seed=data_cfg.phantom_seed, shape_scale=data_cfg.phantom_shape_scale,
-      spacing=tuple(data_cfg.phantom_spacing), family=data_cfg.phantom_family)
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Saves the run's full config as `config.json` (temp name, then rename)."""
-  path = epath.Path(workdir) / 'config.json'
-  tmp = path.parent / f'.{path.name}.tmp'
-  tmp.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True))
-  tmp.replace(path)
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:
