@@ -1,4 +1,5 @@
-"""Prediction of scans never prepared: orientations, spacings, types, a broken file, evaluate."""
+"""Prediction of scans never prepared (orientations, spacings, types, a broken file, evaluate's
+labels), and the weights exported from the same runs and read back."""
 
 import json
 import os
@@ -11,10 +12,14 @@ import numpy as np
 import pytest
 
 from pixssl_jax import config_files
+from pixssl_jax import export_weights
 from pixssl_jax import predict
+from pixssl_jax import weights_file
 from pixssl_jax.data import case_store
 from pixssl_jax.evaluation import evaluate
+from pixssl_jax.evaluation import inference
 from pixssl_jax.rundir import config_io
+from pixssl_jax.rundir import networks
 from pixssl_jax.train import finetune
 from pixssl_jax.train import pretrain
 from tests.helpers import REPO, load_config
@@ -29,7 +34,7 @@ def finetuned(tmp_path_factory):
   config.pretrained_workdir = str(pretrained)
   finetune.train_and_evaluate(config, str(workdir), print_fn=lambda _: None)
   store = case_store.CaseStore(config_io.resolve_data_dir(config.data))
-  return workdir, store
+  return workdir, store, pretrained
 
 
 def _save(path, data, affine, dtype=np.float32, slope=None, inter=None, qform_only=False):
@@ -69,7 +74,7 @@ def _scans(store, folder):
 
 
 def test_predict_writes_each_scan_on_its_own_grid_and_matches_evaluate(finetuned, tmp_path):
-  workdir, store = finetuned
+  workdir, store, _ = finetuned
   inputs, out = tmp_path / 'in', tmp_path / 'out'
   inputs.mkdir()
   case_id, verbatim = _scans(store, inputs)
@@ -105,7 +110,7 @@ def test_predict_writes_each_scan_on_its_own_grid_and_matches_evaluate(finetuned
 
 
 def test_uncertainty_and_probabilities_and_clear_refusals(finetuned, tmp_path, capsys):
-  workdir, store = finetuned
+  workdir, store, _ = finetuned
   inputs = tmp_path / 'in'
   inputs.mkdir()
   _scans(store, inputs)
@@ -134,3 +139,53 @@ def test_uncertainty_and_probabilities_and_clear_refusals(finetuned, tmp_path, c
   assert errors[0].startswith(f'error: --workdir {tmp_path}: no config.json')
   assert 'the output folder holds the input scans' in errors[1]
   assert errors[2].startswith('error: checkpoint=99: no such checkpoint')
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])
+def test_exported_weights_give_the_same_outputs_and_start_a_fine_tuning(finetuned, tmp_path,
+                                                                       suffix):
+  workdir, store, pretrained = finetuned
+  path, meta = export_weights.export(str(workdir), str(tmp_path / f'seg{suffix}'))
+  params, read_meta = weights_file.load(path)
+  assert read_meta == meta and meta['kind'] == 'segmentation'
+  assert meta['num_classes'] == len(store.label_names) and meta['model']['features'] == [8, 16, 32]
+  config = config_io.read_config(str(workdir))
+  model = networks.segmentation_model(config, meta['num_classes'])
+  restored, step = networks.restore_segmentation_params(str(workdir), config, model, 'best')
+  assert step == meta['source']['step']
+  image = np.random.default_rng(0).uniform(size=(2, 32, 32, 1)).astype(np.float32)
+  probabilities = inference.jit_probabilities(model)
+  np.testing.assert_array_equal(np.asarray(probabilities(params, image)),
+                                np.asarray(probabilities(restored, image)))
+
+  # A pre-training's backbone, exported, starts a fine-tuning exactly as its workdir does.
+  backbone, _ = export_weights.export(str(pretrained), str(tmp_path / f'backbone{suffix}'))
+  assert weights_file.load(backbone)[1]['kind'] == 'backbone'
+  base = config_files.load('finetune', 'tiny')
+  base.model.features, base.model.num_groups = (4, 8, 16), 2  # Taken from the source instead.
+  starts = []
+  for init in ('pretrained', 'file'):
+    config = config_io.apply_overrides(base, {'init': init, 'pretrained_workdir': str(pretrained),
+                                              'init_file': backbone})
+    config = finetune.resolve(config, str(tmp_path))
+    assert tuple(config.model.features) == (4, 8, 16)  # Stated: kept, so loading refuses it.
+    config.model.features, config.model.num_groups = (8, 16, 32), 4
+    model = finetune.build_model(config, store)
+    tx = finetune.make_optimizer(config)
+    mesh = finetune.mesh_lib.make_data_mesh()
+    starts.append(finetune.initial_state(model, tx, config, mesh, print_fn=lambda _: None))
+  for a, b in zip(*(jax_leaves(s.params) for s in starts)):
+    np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_fine_tuning_takes_the_backbone_fields_from_its_source(finetuned):
+  _, _, pretrained = finetuned
+  config = config_files.load('finetune', 'demo')  # Widths (16, 32, 64, 128), groups 8.
+  config.pretrained_workdir = str(pretrained)
+  config = finetune.resolve(config, '/unused')
+  assert tuple(config.model.features) == (8, 16, 32) and config.model.num_groups == 4
