@@ -1,15 +1,46 @@
-"""Loads a preset from the repository's `configs/<name>.py` as a ConfigDict.
+"""The config files (`configs/<name>.py`) and their presets, wherever the package lives.
 
-`python -m pixssl_jax.main --config configs/NAME.py:PRESET` does this through
-ml_collections' flags; tests, benchmarks and notebooks use this function instead.
+In a clone they are the repository's `configs/`; an installed package ships the same files as
+`pixssl_jax/configs/` (pyproject.toml), so `--config configs/pretrain.py:demo` also works from
+any directory: a `--config` path that does not exist there is looked up by its file name among
+these (`resolve`). `python -m pixssl_jax.main --config ...` loads them through
+`pixssl_jax.config_loading`; tests, benchmarks and notebooks use `load`.
 """
 
 import importlib.util
+import os
 import pathlib
 
 import ml_collections
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+_HERE = pathlib.Path(__file__).resolve().parent
+NAMES = ('pretrain', 'finetune')
+
+
+def config_dir() -> pathlib.Path:
+  """The repository's `configs/` in a clone, else the copy installed inside the package."""
+  for folder in (_HERE.parent / 'configs', _HERE / 'configs'):
+    if (folder / 'pretrain.py').is_file():
+      return folder
+  raise FileNotFoundError(f'no configs/ folder beside {_HERE} nor inside it: reinstall '
+                          'pixssl_jax (pip install .)')
+
+
+CONFIG_DIR = config_dir()
+
+
+def resolve(path: str) -> str:
+  """`path` if it is a file, else the shipped config file of the same name, else `path`.
+
+  'configs/pretrain.py', 'pretrain.py' and 'pretrain' all name the shipped pre-training
+  config when no such file exists in the current directory.
+  """
+  if os.path.isfile(path):
+    return path
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith('.py') else name
+  shipped = CONFIG_DIR / f'{name}.py'
+  return str(shipped) if name in NAMES and shipped.is_file() else path
 
 
 def load(name: str, preset: str | None = None) -> ml_collections.ConfigDict:

@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from pixssl_jax import config_files
+
 _PREFIXES = ('--config.', '-config.')
 _TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
 
@@ -88,6 +90,7 @@ def _missing_file_error(path: str) -> ConfigLoadError:
 def load_file(spec: str) -> ml_collections.ConfigDict:
   """`get_config(PRESET)` of the config file in `spec` ('configs/pretrain.py:demo')."""
   path, _, preset = spec.partition(':')
+  path = config_files.resolve(path)  # The shipped presets, from any directory.
   if not os.path.isfile(path):
     raise _missing_file_error(path)
   module_spec = importlib.util.spec_from_file_location('pixssl_config_file', path)

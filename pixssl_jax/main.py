@@ -133,5 +133,20 @@ def main(argv):
     _stop(str(e), EXIT_FAULT)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console script `pixssl-train`: `--list` prints every preset and config field, `--help`
+  the usage, them and the flags; otherwise the run."""
+  asked = {'--list', '--help', '-h', '-?'} & set(sys.argv[1:])
+  if asked:
+    from pixssl_jax import config_listing  # pylint: disable=g-import-not-at-top
+    if asked != {'--list'}:  # Also under a console script, whose __main__ defines no flags.
+      print(__doc__)
+    print(config_listing.render(), flush=True)
+    if asked != {'--list'}:
+      print(flags.FLAGS.module_help(__name__))
+    return
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()
