@@ -25,7 +25,8 @@ from pixssl_jax import config_loading
 _CONFIG = flags.DEFINE_string(
     'config', None, 'Config file with an optional preset, e.g. configs/pretrain.py:demo; set '
     'any of its fields with --config.FIELD=VALUE.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (local or gs://).')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory for checkpoints and logs (local or gs://).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')

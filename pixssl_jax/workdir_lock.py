@@ -108,7 +108,10 @@ def acquire(workdir: str, warn: Callable[[str], None]) -> tuple[int, list[str]]:
                           'wait for it to end or use another --workdir') from None
     except OSError as e:
       if e.errno not in _NO_FLOCK:
-        raise
+        os.close(fd)
+        _remove_created(created)
+        raise WorkdirLocked(f'--workdir {workdir}: cannot lock {lock_path} '
+                            f'({e.strerror or e})') from None
       has_flock = False
     try:
       same_file = os.fstat(fd).st_ino == os.stat(lock_path).st_ino

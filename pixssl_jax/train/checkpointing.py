@@ -30,6 +30,7 @@ from pixssl_jax.rundir.checkpoints import restore_exact
 from pixssl_jax.rundir.checkpoints import saved_metrics  # pylint: disable=unused-import
 from pixssl_jax.rundir.checkpoints import short_reason  # pylint: disable=unused-import
 from pixssl_jax.rundir.checkpoints import step_path  # pylint: disable=unused-import
+from pixssl_jax.train import save_errors
 
 
 def make_manager(workdir: str, *, keep: int, best_metric: str | None = None,
@@ -89,7 +90,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
       data=grain.checkpoint.CheckpointSave(data_iterator),
       meta=ocp.args.JsonSave({'step': int(step), 'process_count': jax.process_count(),
                               'metrics': metrics}))
-  return manager.save(step, args=args, force=force, metrics=metrics)
+  # A failed write (of this save or the one in flight) comes back as one-line SaveError.
+  return save_errors.save(manager, step, args=args, force=force, metrics=metrics)
 
 
 def restore_latest(manager: ocp.CheckpointManager, state_template: Any,

@@ -5,6 +5,7 @@ from deep inside JAX minutes into the run. Pre-training calls `validate_pretrain
 and evaluation `validate_finetune`.
 """
 
+import json
 import math
 import uuid
 from collections.abc import Callable
@@ -173,6 +174,14 @@ def data_dir_problems(data_cfg: ml_collections.ConfigDict) -> list[str]:
   if not (path / 'store.json').exists():
     return [f'config.data.data_dir={data_cfg.data_dir}: not a prepared store (no store.json); '
             'make one with python -m pixssl_jax.data.prepare --raw_dir RAW --data_dir STORE.']
+  try:
+    version = json.loads((path / 'store.json').read_text()).get('format_version')
+  except (OSError, ValueError, AttributeError) as e:  # ValueError: not JSON.
+    return [f'config.data.data_dir={data_cfg.data_dir}: its store.json does not read '
+            f'({type(e).__name__}); re-run python -m pixssl_jax.data.prepare.']
+  if version is None:
+    return [f'config.data.data_dir={data_cfg.data_dir}: its store.json has no format_version, '
+            'so prepare did not write it; re-run python -m pixssl_jax.data.prepare.']
   return []
 
 
@@ -232,15 +241,29 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
 
 
 def check_workdir_writable(workdir: str) -> None:
-  """Creates `workdir` if needed and proves it writable with a probe file."""
+  """Proves `workdir` writable with a probe file, without creating it.
+
+  A workdir that does not exist yet is judged by the nearest folder above it that does (the
+  run creates it only once every check has passed, so a refused run leaves none behind). The
+  probe is removed even when writing it fails (a full disk creates the file, then refuses
+  its bytes).
+  """
   path = epath.Path(workdir)
+  if '://' not in workdir:
+    while not path.exists() and path.parent != path:
+      path = path.parent
+    if not path.is_dir():
+      raise ConfigError(f'--workdir {workdir}: {path} is not a folder.')
   probe = path / f'.write_probe_{uuid.uuid4().hex}'
   try:
-    path.mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')
-    probe.unlink()
   except OSError as e:
-    raise ConfigError(f'--workdir {workdir}: not writable ({e.strerror or e}).') from e
+    raise ConfigError(f'--workdir {workdir}: not writable ({e.strerror or e}).') from None
+  finally:
+    try:
+      probe.unlink(missing_ok=True)
+    except OSError:
+      pass  # Not even removable: the write above has already said why.
 
 
 def validate_pretrain(config: ml_collections.ConfigDict, workdir: str, *, device_count: int,

@@ -36,6 +36,7 @@ from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
 from pixssl_jax.train import optimizers
 from pixssl_jax.train import preemption
+from pixssl_jax.train import save_errors
 
 # label_fraction -> the seeded split `prepare` wrote (docs/data.md); others are drawn from
 # train_100 with the run's seed.
@@ -296,9 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   store = case_store.CaseStore(loop.resolve_data_dir(config.data))
   model = build_model(config, store)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    loop.write_config(config, workdir)
-    run_record.write(workdir, store)  # What prediction needs without the store.
   mesh = mesh_lib.make_data_mesh()
   tx = make_optimizer(config)
   described, train_ids = label_split(store, config.label_fraction, config.seed,
@@ -309,10 +307,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f'{config.model.head_level}' if config.linear_probe else ''))
   data_iter = _loader(store, config, train_ids)
 
-  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
-                                       best_metric=BEST_METRIC)
-  restored = checkpointing.restore_latest(
-      manager, abstract_state(model, tx, config), data_iter)
+  # Read only until the last check that can refuse the run (a checkpoint that does not
+  # restore, a pre-trained backbone that does not fit): a refused run writes nothing.
+  reader = checkpointing.open_reader(checkpointing.checkpoint_dir(workdir))
+  try:
+    restored = checkpointing.restore_latest(
+        reader, abstract_state(model, tx, config), data_iter)
+  finally:
+    reader.close()
   if restored is None:
     state, start_step = initial_state(model, tx, config, mesh, print_fn), 0
   else:
@@ -320,6 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not data_restored:
       data_iter = _loader(store, config, train_ids)  # Other process count: a fresh stream.
     print_fn(f'Resumed from step {start_step} in {workdir}')
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
+                                       best_metric=BEST_METRIC)
+  if is_chief:
+    loop.write_config(config, workdir)
+    run_record.write(workdir, store)  # What prediction needs without the store.
 
   jitted_step = loop.jit_train_step(train_step, model, tx, config, mesh)
   scorer = inference.VolumeScorer(model, config)
@@ -343,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step > start_step and stop_requested(step):
         loop.finish_step(pending, writer, config, _HINT)
         checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
-        manager.wait_until_finished()
+        save_errors.wait(manager)
         print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
         return state
       if step > start_step and step % config.eval_every == 0:
@@ -357,7 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step < config.num_steps:
       validate_and_save(config.num_steps)
   finally:
-    manager.wait_until_finished()
-    stop_requested.close()
-    writer.close()
+    try:
+      save_errors.wait(manager)
+    finally:
+      stop_requested.close()
+      writer.close()
   return state

@@ -43,6 +43,15 @@ class _QuietSaveThreadErrors(logging.Filter):
                 and f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in record.pathname)
 
 
+class _QuietUnretrievedWrites(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records, installed once a failed save
+  is reported: the other writes of that save failed the same way, and their futures, which
+  no one awaits after the first failure, log it when they are collected (often at exit)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in record.getMessage()
+
+
 def quiet_orbax_save_logs() -> None:
   """Installs `_QuietSaveThreadErrors` on the absl logger (once per process)."""
   logger = logging.getLogger('absl')
@@ -117,6 +126,9 @@ def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> 
   intact on disk, for the line.
   """
   _failed.add(manager)
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _QuietUnretrievedWrites) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietUnretrievedWrites())
   _close_quietly(manager)  # First: a save still in flight finishes or fails for good.
   failed = _failed_step(error, manager, step)
   directory = epath.Path(manager.directory)
