@@ -455,7 +455,7 @@ def check(preset: str, seed: int = 0) -> dict[str, float]:
   from pixssl_jax.models import pixssl  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import loop  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from pixssl_jax.train import objective  # pylint: disable=g-import-not-at-top
+  from pixssl_jax import objective  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import optimizers  # pylint: disable=g-import-not-at-top
   from pixssl_jax.train import pretrain  # pylint: disable=g-import-not-at-top
 

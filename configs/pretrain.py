@@ -135,6 +135,11 @@ def _method_config() -> ml_collections.ConfigDict:
   # vector per view (docs/BENCHMARKS.md, low-label benchmark); 0 and 0 switch them off.
   method.lambda_variance = 1.0
   method.lambda_covariance = 0.04  # VICReg's 1 : 25 ratio to the variance term.
+  # Masked-image restoration [reference objective, not the paper's]: a 1x1 head on decoder
+  # level 0 restores the cells hidden from the student (data.mask_ratio > 0). With use_global
+  # and use_pixel False it is the control objective of the low-label benchmark; 0: off.
+  method.lambda_restoration = 0.0
+  method.restoration_loss = 'l2'  # 'l2' (MAE) | 'l1', over the hidden voxels.
   return method
 
 

@@ -13,8 +13,8 @@ from pixssl_jax import losses
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.rundir import config_upgrade
-from pixssl_jax.train.objective import stabilized_prediction
-from pixssl_jax.train.objective import pretrain_loss
+from pixssl_jax.objective import stabilized_prediction
+from pixssl_jax.objective import pretrain_loss
 
 TINY = dict(features=(8, 16, 32), num_groups=4, dtype='float32', proj_hidden=32, proj_dim=16,
             pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=16, stabilizer_hidden=32,
@@ -24,7 +24,7 @@ DIAGNOSTICS = {'weight_cv', 'weight_ess', 'keep_fraction', 'uncertainty_spearman
                'pixel_effective_rank'}
 METRICS = {'loss', 'loss_global', 'loss_pixel', 'loss_variance', 'loss_covariance',
            'loss_calibration', 'uncertainty_mean', 'uncertainty_p90', 'overlap_fraction',
-           'projection_std'} | DIAGNOSTICS
+           'loss_restoration', 'projection_std'} | DIAGNOSTICS
 
 
 def _transform(offset, flip0=False):
@@ -113,7 +113,7 @@ def test_each_ablation_switch_removes_exactly_its_term(full):
       2.0 * float(m['loss_global']) + 0.5 * float(m['loss_pixel'])
       + float(m['loss_calibration']), rel=1e-6)
   assert float(ms['loss_variance']) == 0.0 and float(ms['loss_covariance']) == 0.0
-  with pytest.raises(ValueError, match='nothing to train'):
+  with pytest.raises(ValueError, match='nothing to learn'):
     _loss(_cfg(use_global=False, use_pixel=False))
 
 

@@ -29,7 +29,7 @@ from pixssl_jax.data import views
 from pixssl_jax.evaluation.sliding_window import sliding_window_inference
 from pixssl_jax.losses import cosine_discrepancy
 from pixssl_jax.models.pixssl import PixSSLModel
-from pixssl_jax.train import objective
+from pixssl_jax import objective
 
 
 @dataclasses.dataclass

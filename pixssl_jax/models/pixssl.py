@@ -48,6 +48,8 @@ class PixSSLModel(nn.Module):
     head_norm: norm of the global MLP heads, 'batch' (BYOL) or 'layer'.
     pixel_norm: norm of the pixel projector, 'group' (per sample) or 'batch'.
     layers: the layer set of the U-Net and the pixel projector (`layers.py`).
+    restoration_head: a 1x1 head on decoder level 0 predicting each voxel's intensity, for
+      the restoration loss term; absent otherwise, so other runs keep their parameter tree.
 
   Runs build it from a config with `build_model`; the defaults here are configs/pretrain.py's
   demo values (tests/test_models.py checks they agree).
@@ -66,6 +68,7 @@ class PixSSLModel(nn.Module):
   head_norm: str = 'batch'
   pixel_norm: str = 'group'
   layers: LayerSet = FLAX
+  restoration_head: bool = False
 
   @property
   def downsampling_factor(self) -> int:
@@ -88,6 +91,8 @@ class PixSSLModel(nn.Module):
                                           self.dtype, self.pixel_norm, layers=self.layers)
     self.stabilizer = ContextStabilizer(self.stabilizer_hidden, self.pixel_proj_dim,
                                         self.stabilizer_dropout, self.dtype)
+    if self.restoration_head:
+      self.restorer = nn.Dense(1, dtype=self.dtype, param_dtype=jnp.float32)
 
   def __call__(self, x: jnp.ndarray, with_predictor: bool = True) -> dict[str, jnp.ndarray]:
     """Global and pixel projections of a batch of views.
@@ -98,7 +103,8 @@ class PixSSLModel(nn.Module):
 
     Returns:
       dict with float32 `global_proj [B, D]`, `global_pred [B, D]` (only if
-      `with_predictor`), and `pixel_proj [B, *G, Cp]` with `G = P / 2**pixel_level`.
+      `with_predictor`), `pixel_proj [B, *G, Cp]` with `G = P / 2**pixel_level`, and with
+      `restoration_head` `restoration [B, *P, 1]`.
     """
     bottleneck, decoder = self.backbone(x)
     spatial_axes = tuple(range(1, self.ndim + 1))
@@ -107,6 +113,8 @@ class PixSSLModel(nn.Module):
     if with_predictor:
       out['global_pred'] = self.predictor(out['global_proj'].astype(self.dtype))
     out['pixel_proj'] = self.pixel_projector(self.pixel_features(decoder))
+    if self.restoration_head:
+      out['restoration'] = self.restorer(decoder[0]).astype(jnp.float32)
     return out
 
   def pixel_features(self, decoder: Sequence[jnp.ndarray]) -> jnp.ndarray:
@@ -194,7 +202,8 @@ def _validate(model: PixSSLModel) -> None:
     raise ValueError(f"model.pixel_norm={model.pixel_norm!r} must be 'batch' or 'group'")
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
+def build_model(model_cfg: ml_collections.ConfigDict, ndim: int,
+                restoration_head: bool = False) -> PixSSLModel:
   """Builds the model from the `model:` config subtree (docs/design.md).
 
   Args:
@@ -202,6 +211,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       proj_dim, pixel_level, pixel_hypercolumn, pixel_proj_dim, stabilizer_hidden,
       stabilizer_dropout, head_norm, pixel_norm, layers ('auto'|'flax'|'cpu').
     ndim: 2 or 3 (from `data.ndim`).
+    restoration_head: add the restoration term's head (`objective.model_heads` says when).
 
   Returns:
     A validated `PixSSLModel`.
@@ -222,7 +232,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, ndim: int) -> PixSSLModel:
       stabilizer_dropout=float(model_cfg.stabilizer_dropout),
       head_norm=str(model_cfg.head_norm),
       pixel_norm=str(model_cfg.pixel_norm),
-      layers=layer_set(model_cfg.layers))
+      layers=layer_set(model_cfg.layers),
+      restoration_head=bool(restoration_head))
   _validate(model)
   return model
 

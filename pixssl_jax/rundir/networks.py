@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from pixssl_jax import objective
 from pixssl_jax.models import pixssl
 from pixssl_jax.models import segmentation
 from pixssl_jax.rundir import checkpoints
@@ -27,7 +28,8 @@ def _sample_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 def pixssl_model(config: ml_collections.ConfigDict) -> pixssl.PixSSLModel:
   """The pre-training network of a pre-training config."""
   try:
-    return pixssl.build_model(config.model, config.data.ndim)
+    return pixssl.build_model(config.model, config.data.ndim,
+                              **objective.model_heads(config.method))
   except ValueError as e:
     raise config_io.ConfigError(f'config.{e}') from None
 

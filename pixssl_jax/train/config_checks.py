@@ -18,13 +18,16 @@ from etils import epath
 from pixssl_jax.data import default_dataset
 from pixssl_jax.losses import WEIGHTING_FORMS
 from pixssl_jax.losses import WEIGHTING_SCALES
+from pixssl_jax.objective import pixel_term
+from pixssl_jax.objective import registry as loss_terms
+from pixssl_jax.objective import restoration_term
 from pixssl_jax.models import layers
 from pixssl_jax.models import pixssl
 from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir.config_io import MISSING  # pylint: disable=unused-import
 from pixssl_jax.rundir.config_io import ConfigError
 from pixssl_jax.rundir.config_io import field_at
-from pixssl_jax.train.objective import MATCH_MODES
+from pixssl_jax.train import finetune_recipe
 
 
 OPTIMIZERS = ('adamw', 'lars')
@@ -129,7 +132,9 @@ FIELD_RANGES = {
     'method.lambda_variance': _NON_NEGATIVE,
     'method.lambda_covariance': _NON_NEGATIVE,
     'method.lambda_calibration': _NON_NEGATIVE,
-    'method.match': _choice(MATCH_MODES),
+    'method.lambda_restoration': _NON_NEGATIVE,
+    'method.restoration_loss': _choice(restoration_term.RESTORATION_LOSSES),
+    'method.match': _choice(pixel_term.MATCH_MODES),
     'method.match_distance': _POSITIVE,
     'optim.name': _choice(OPTIMIZERS),
     'optim.learning_rate': _POSITIVE,
@@ -140,6 +145,9 @@ FIELD_RANGES = {
     'optim.ema_final_init_share': _FRACTION,  # 0: m0 = ema_momentum whatever the run length.
     'optim.backbone_lr_scale': _NON_NEGATIVE,  # 0: the backbone is not updated.
     'optim.head_warmup_steps': _NON_NEGATIVE,
+    'optim.l2_sp': _NON_NEGATIVE,
+    'optim.layer_decay': _number(0.0, 1.0, lo_open=True),  # 1: every block at the head's rate.
+    'optim.linear_probe_steps': _number(0),
     'loss.dice_weight': _NON_NEGATIVE,
     'loss.ce_weight': _NON_NEGATIVE,
     'eval.overlap': _FRACTION,
@@ -230,13 +238,13 @@ def pretrain_config_problems(config: ml_collections.ConfigDict, *, device_count:
     if low in method and method[high] < method[low]:
       problems.append(f'config.method.{high}={method[high]} is below '
                       f'config.method.{low}={method[low]}.')
-  if not (method.use_global or method.use_pixel):
-    problems.append('config.method: use_global and use_pixel are both False; nothing to learn.')
-  # The loader hands the masks over beside the views (`student_mask1/2`); until
-  # objective.pretrain_loss hides them from the student, a run with them would be unmasked.
-  if data.mask_ratio > 0:
-    problems.append(f'config.data.mask_ratio={data.mask_ratio}: the pre-training objective does '
-                    'not apply the student masks yet; set it to 0.')
+  nothing = loss_terms.nothing_to_learn(method)
+  if nothing:
+    problems.append(nothing)
+  # Restoring views the student sees whole is the identity: the term needs hidden cells.
+  if float(method.lambda_restoration) > 0 and data.mask_ratio <= 0:
+    problems.append(f'config.method.lambda_restoration={method.lambda_restoration} needs '
+                    'config.data.mask_ratio > 0 (the cells the student must restore).')
   return problems
 
 
@@ -314,6 +322,7 @@ def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count:
                     f'[0, {len(model.features) - 1}] for {len(model.features)} U-Net levels.')
   if config.pretrained_step is not None and config.pretrained_step < 0:
     problems.append(f'config.pretrained_step={config.pretrained_step}: must be >= 0.')
+  problems += finetune_recipe.config_problems(config)
   return problems + config_io.eval_problems(config)
 
 

@@ -32,11 +32,14 @@ class MetricsWriter:
     voxels_per_step: input voxels consumed per step (both views, global batch), for voxels/s.
     enabled: False on every process but 0.
     print_fn: where progress lines go (tests capture it).
+    loss_parts: the pre-training loss metrics the progress line shows beside the total
+      (`loss_<name>`, the enabled terms' own losses); the others are 0 in such a run.
   """
 
   def __init__(self, workdir: str, *, num_steps: int, voxels_per_step: int,
-               enabled: bool = True, print_fn=print):
+               enabled: bool = True, print_fn=print, loss_parts: tuple[str, ...] = ()):
     self._enabled = enabled
+    self._loss_parts = loss_parts
     self._num_steps = num_steps
     self._voxels_per_step = voxels_per_step
     self._print = print_fn
@@ -93,12 +96,11 @@ class MetricsWriter:
     parts = [f'step {step}/{self._num_steps}' if prefix == 'train'
              else f'{prefix} at step {step}']
     if has('loss_global', 'loss_pixel'):  # Pre-training.
-      # pretrain_loss always reports the spread terms (0 when switched off).
-      parts += [f"loss {get('loss'):.4f} (global {get('loss_global'):.4f}, "
-                f"pixel {get('loss_pixel'):.4f}, var {get('loss_variance'):.4f}, "
-                f"cov {get('loss_covariance'):.4f})",
-                f"uncertainty {get('uncertainty_mean'):.2e}"
-                f" (Spearman with d {get('uncertainty_spearman'):+.2f})"]
+      shown = ', '.join(f"{k.removeprefix('loss_')} {get(k):.4f}" for k in self._loss_parts)
+      parts.append(f"loss {get('loss'):.4f}" + (f' ({shown})' if shown else ''))
+      if 'loss_pixel' in self._loss_parts:
+        parts.append(f"uncertainty {get('uncertainty_mean'):.2e}"
+                     f" (Spearman with d {get('uncertainty_spearman'):+.2f})")
     elif has('dice_loss', 'ce_loss'):  # Fine-tuning.
       parts.append(f"loss {get('loss'):.4f} (dice {get('dice_loss'):.4f}, "
                    f"ce {get('ce_loss'):.4f})")

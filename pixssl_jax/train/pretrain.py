@@ -15,17 +15,18 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from pixssl_jax import objective
 from pixssl_jax import paths
 from pixssl_jax import xla_options
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.models import pixssl
+from pixssl_jax.rundir import networks
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
 from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
-from pixssl_jax.train import objective
 from pixssl_jax.train import optimizers
 from pixssl_jax.train import preemption
 from pixssl_jax.train import save_errors
@@ -235,6 +236,15 @@ def _make_data_iterator(store, config: ml_collections.ConfigDict, first_batch: i
   return iter(loader)
 
 
+def _loss_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The losses of the enabled terms, for the progress line (calibration only when on)."""
+  names = [name for term in objective.enabled_terms(config.method)
+           for name in term.metric_names if name.startswith('loss_')]
+  if float(config.method.lambda_calibration) <= 0 and 'loss_calibration' in names:
+    names.remove('loss_calibration')
+  return tuple(names)
+
+
 def _axial_slices(maps) -> dict[str, np.ndarray]:
   """`[H, W]` images of `objective.pixel_maps`: 3-D maps show their middle axial slice."""
   maps = jax.device_get(maps)
@@ -262,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
   mesh = mesh_lib.make_data_mesh()
 
   data_iter = _make_data_iterator(store, config)
-  model = pixssl.build_model(config.model, config.data.ndim)
+  model = networks.pixssl_model(config)
   tx = optimizers.make_optimizer(config.optim, config.num_steps)
 
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
@@ -292,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
   voxels_per_step = 2 * config.batch_size * math.prod(config.data.patch_size)
   writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
                                         voxels_per_step=voxels_per_step, enabled=is_chief,
-                                        print_fn=print_fn)
+                                        print_fn=print_fn, loss_parts=_loss_parts(config))
   stop_requested = preemption.StopRequest(manager)
   pending = None  # (step, metrics) of the step in flight.
 

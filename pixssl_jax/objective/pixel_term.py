@@ -1,9 +1,10 @@
-"""The pre-training objective: global + uncertainty-weighted pixel consistency.
+"""Pixel consistency [paper] with the context stabilizer and its uncertainty weighting.
 
-`pretrain_loss` is what the jitted train step differentiates with respect to the student
-params. It is a pure function; `model`, `method_cfg` and `num_steps` are static (bind them with
-`functools.partial`). Nothing depends on the batch size, so the same function serves any
-global batch and any sharding of it.
+The student's pixel predictions (through the stabilizer's K MC-dropout samples, or its raw
+projections when ablated) are compared with the teacher's projections of the other view at
+the same source voxels; the per-pixel discrepancy `d` is weighted by the stabilizer's
+uncertainty `u` (docs/method.md). With `method.lambda_calibration` the MC-dropout spread is also
+trained to rank pixels as `d` does; that part is reported as `loss_calibration`.
 """
 
 import jax
@@ -13,8 +14,6 @@ import ml_collections
 from pixssl_jax import losses
 from pixssl_jax.losses import cosine_discrepancy
 from pixssl_jax.losses import effective_rank
-from pixssl_jax.losses import global_consistency
-from pixssl_jax.losses import l2_normalize
 from pixssl_jax.losses import match_features
 from pixssl_jax.losses import match_features_by_distance
 from pixssl_jax.losses import mc_dropout_statistics
@@ -22,12 +21,11 @@ from pixssl_jax.losses import mean_over_samples
 from pixssl_jax.losses import ramp_threshold
 from pixssl_jax.losses import spearman
 from pixssl_jax.losses import uncertainty_calibration
-from pixssl_jax.losses import variance_covariance
 from pixssl_jax.losses import weight_statistics
-from pixssl_jax.losses import WEIGHTING_FORMS
-from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import PixSSLModel
+from pixssl_jax.objective.parts import Term
+from pixssl_jax.objective.parts import TermInputs
 
 MATCH_MODES = ('inverse', 'distance')
 # Diagnostics of the pixel branch in the step's metrics (0 when the pixel term is off):
@@ -150,139 +148,6 @@ def pixel_predictions(params, student_pix: jnp.ndarray, teacher_pix: jnp.ndarray
   return pred_pix, uncertainty, matched, valid
 
 
-def pixel_maps(params, ema_params, batch: dict[str, jax.Array], key: jax.Array, *,
-               model: PixSSLModel, method_cfg: ml_collections.ConfigDict
-               ) -> dict[str, jax.Array]:
-  """What the logs show of the batch's first pair: its views, overlap and uncertainty.
-
-  Returns:
-    `view1`, `view2` `[*P]`; `overlap` (1 where view 1's feature cell has a match in view 2)
-    and `uncertainty` `[*G]`, on view 1's feature grid.
-  """
-  first = jax.tree.map(lambda x: x[:1], batch)
-  views = jnp.concatenate([first['view1'], first['view2']], axis=0)
-  student = model.apply({'params': params}, views, with_predictor=False)
-  teacher = model.apply({'params': ema_params}, views, with_predictor=False)
-  _, uncertainty, _, valid = pixel_predictions(
-      params, student['pixel_proj'], teacher['pixel_proj'], first, key, model=model,
-      method_cfg=method_cfg)
-  return {'view1': views[0, ..., 0], 'view2': views[1, ..., 0],
-          'overlap': valid[0].astype(jnp.float32), 'uncertainty': uncertainty[0]}
-
-
-def pretrain_loss(params, ema_params, batch: dict[str, jax.Array], key: jax.Array,
-                  step: jax.Array, *, model: PixSSLModel, method_cfg: ml_collections.ConfigDict,
-                  num_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pixel-global SSL loss of one batch.
-
-  Args:
-    params: student params pytree (differentiated).
-    ema_params: teacher params pytree (EMA of the student; receives no gradient).
-    batch: `view1, view2 [B, *P, 1]` float32, `transform1, transform2 [B, n, n+1]` float32.
-    key: the step's dropout / MC key (already folded with the step).
-    step: current step (scalar, may be traced), drives the 'threshold' ramp.
-    model: the `PixSSLModel` (static).
-    method_cfg: the `method` ConfigDict (static), configs/pretrain.py's fields.
-    num_steps: total training steps (static).
-
-  Returns:
-    `(loss, metrics)`: scalar float32 loss and float32 scalars `loss, loss_global,
-    loss_pixel, loss_variance, loss_covariance, loss_calibration, uncertainty_mean,
-    uncertainty_p90, overlap_fraction, projection_std` and `PIXEL_DIAGNOSTICS` (a disabled
-    term's metrics are 0). Uncertainty and weight statistics are over valid (matched) cells.
-  """
-  use_global, use_pixel = bool(method_cfg.use_global), bool(method_cfg.use_pixel)
-  if not (use_global or use_pixel):
-    raise ValueError('method.use_global and method.use_pixel are both False: nothing to train')
-  if method_cfg.match not in MATCH_MODES:
-    raise ValueError(f'method.match must be one of {MATCH_MODES}, got {method_cfg.match!r}')
-  if method_cfg.weighting not in WEIGHTING_FORMS:
-    raise ValueError(f'method.weighting must be one of {WEIGHTING_FORMS}, '
-                     f'got {method_cfg.weighting!r}')
-  scale = method_cfg.weighting_scale
-  if scale not in WEIGHTING_SCALES:
-    raise ValueError(f'method.weighting_scale must be one of {WEIGHTING_SCALES}, '
-                     f'got {scale!r}')
-  view1, view2 = batch['view1'], batch['view2']
-  if view1.shape != view2.shape:
-    raise ValueError(f'batch view1 {view1.shape} and view2 {view2.shape} differ in shape')
-  b = view1.shape[0]
-  zero = jnp.zeros((), jnp.float32)
-
-  # 1. Student forward on both views as one batch [2B, *P, 1]: rows :B are view 1, B: view 2.
-  views = jnp.concatenate([view1, view2], axis=0)
-  student = model.apply({'params': params}, views, with_predictor=use_global)
-  # 2. Teacher forward, same batch; the teacher never runs the predictor or the stabilizer.
-  teacher = jax.lax.stop_gradient(
-      model.apply({'params': ema_params}, views, with_predictor=False))
-
-  # 3. Global consistency: prediction of each view against the teacher projection of the other.
-  loss_global = zero
-  if use_global:
-    pred, target = student['global_pred'], teacher['global_proj']
-    loss_global = global_consistency(pred[:b], pred[b:], target[:b], target[b:])
-  # Collapse monitor (SimSiam): per-dimension std over the batch of the unit-normalised student
-  # projections; about 1/sqrt(D) when healthy, 0 when every view maps to the same vector.
-  projection_std = jnp.mean(jnp.std(
-      l2_normalize(jax.lax.stop_gradient(student['global_proj'])), axis=0))
-
-  loss_pixel, loss_calibration, u_mean, u_p90, overlap = zero, zero, zero, zero, zero
-  calibrate = calibrates_uncertainty(method_cfg, model)
-  loss_variance, loss_covariance = zero, zero
-  diagnostics = {name: zero for name in PIXEL_DIAGNOSTICS}
-  spread_weights = (float(method_cfg.lambda_variance), float(method_cfg.lambda_covariance))
-  if use_pixel:
-    # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
-    pred_pix, uncertainty, matched, valid = pixel_predictions(
-        params, student['pixel_proj'], teacher['pixel_proj'], batch, key, model=model,
-        method_cfg=method_cfg)
-    discrepancy = cosine_discrepancy(pred_pix, matched)
-    loss_pixel, weights = uncertainty_weighting(
-        discrepancy, valid, uncertainty, step=step, num_steps=num_steps, method_cfg=method_cfg,
-        num_channels=model.pixel_proj_dim)
-    if calibrate:
-      loss_calibration = uncertainty_calibration(uncertainty, discrepancy, valid)
-
-    u_const = jax.lax.stop_gradient(uncertainty)
-    n_valid = jnp.sum(valid)
-    overlap = jnp.mean(valid.astype(jnp.float32))
-    u_mean = jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, u_const, 0.0))
-                       / jnp.maximum(n_valid, 1), 0.0)
-    u_p90 = jnp.nan_to_num(jnp.nanpercentile(jnp.where(valid, u_const, jnp.nan), 90.0))
-    diagnostics = dict(
-        weight_statistics(weights, valid),
-        uncertainty_spearman=spearman(u_const, jax.lax.stop_gradient(discrepancy), valid),
-        pixel_effective_rank=effective_rank(student['pixel_proj']))
-
-  # Anti-collapse terms on the student's pixel projections (all pixels of both views), in
-  # every variant alike: an ablation of the pixel term (`global_only`) changes that one term.
-  if spread_weights != (0.0, 0.0):
-    loss_variance, loss_covariance = variance_covariance(student['pixel_proj'])
-
-  # 6. Total; a disabled term is absent (not multiplied by zero).
-  loss = spread_weights[0] * loss_variance + spread_weights[1] * loss_covariance
-  if use_global:
-    loss = loss + float(method_cfg.lambda_global) * loss_global
-  if use_pixel:
-    loss = loss + float(method_cfg.lambda_pixel) * loss_pixel
-    if calibrate:
-      loss = loss + float(method_cfg.lambda_calibration) * loss_calibration
-  metrics = {
-      'loss': loss,
-      'loss_global': loss_global,
-      'loss_pixel': loss_pixel,
-      'loss_variance': loss_variance,
-      'loss_covariance': loss_covariance,
-      'loss_calibration': loss_calibration,
-      'uncertainty_mean': u_mean,
-      'uncertainty_p90': u_p90,
-      'overlap_fraction': overlap,
-      'projection_std': projection_std,
-      **diagnostics,
-  }
-  return loss, metrics
-
-
 def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
                           uncertainty: jnp.ndarray, *, step: jax.Array, num_steps: int,
                           method_cfg: ml_collections.ConfigDict, num_channels: int
@@ -311,3 +176,44 @@ def uncertainty_weighting(discrepancy: jnp.ndarray, valid: jnp.ndarray,
       discrepancy, valid, uncertainty, form=method_cfg.weighting, scale=scale, tau=float(tau),
       eps=float(method_cfg.kendall_eps), threshold=threshold, keep_fraction=keep_fraction,
       num_channels=num_channels)
+
+
+def _enabled(method_cfg: ml_collections.ConfigDict) -> bool:
+  return bool(method_cfg.use_pixel)
+
+
+def _compute(inputs: TermInputs):
+  method_cfg, model = inputs.method_cfg, inputs.model
+  # 4-5. Student pixel predictions (and uncertainty), teacher targets of the other view.
+  pred_pix, uncertainty, matched, valid = pixel_predictions(
+      inputs.params, inputs.student['pixel_proj'], inputs.teacher['pixel_proj'], inputs.batch,
+      inputs.key, model=model, method_cfg=method_cfg)
+  discrepancy = cosine_discrepancy(pred_pix, matched)
+  loss_pixel, weights = uncertainty_weighting(
+      discrepancy, valid, uncertainty, step=inputs.step, num_steps=inputs.num_steps,
+      method_cfg=method_cfg, num_channels=model.pixel_proj_dim)
+  parts = [float(method_cfg.lambda_pixel) * loss_pixel]
+  loss_calibration = jnp.zeros((), jnp.float32)
+  if calibrates_uncertainty(method_cfg, model):
+    loss_calibration = uncertainty_calibration(uncertainty, discrepancy, valid)
+    parts.append(float(method_cfg.lambda_calibration) * loss_calibration)
+
+  u_const = jax.lax.stop_gradient(uncertainty)
+  n_valid = jnp.sum(valid)
+  metrics = dict(
+      loss_pixel=loss_pixel,
+      loss_calibration=loss_calibration,
+      uncertainty_mean=jnp.where(n_valid > 0, jnp.sum(jnp.where(valid, u_const, 0.0))
+                                 / jnp.maximum(n_valid, 1), 0.0),
+      uncertainty_p90=jnp.nan_to_num(
+          jnp.nanpercentile(jnp.where(valid, u_const, jnp.nan), 90.0)),
+      overlap_fraction=jnp.mean(valid.astype(jnp.float32)),
+      **weight_statistics(weights, valid),
+      uncertainty_spearman=spearman(u_const, jax.lax.stop_gradient(discrepancy), valid),
+      pixel_effective_rank=effective_rank(inputs.student['pixel_proj']))
+  return parts, metrics
+
+
+TERM = Term('pixel', _enabled, _compute,
+            ('loss_pixel', 'loss_calibration', 'uncertainty_mean', 'uncertainty_p90',
+             'overlap_fraction') + PIXEL_DIAGNOSTICS, needs_teacher=True)
