@@ -89,6 +89,16 @@ def _optim_config() -> ml_collections.ConfigDict:
   # Head warm-up: the backbone is held for this many first steps while the new head adapts to
   # its features, then trains on its own warm-up and cosine over the remaining steps; 0: off.
   optim.head_warmup_steps = 0
+  # Remedies for a fine-tuning that distorts the features it starts from (docs/evaluation.md,
+  # the fine-tuning recipe), the same for every init, scratch included; each off by default.
+  # L2-SP: alpha / 2 * ||w - w0||^2 over the backbone, w0 its weights at step 0; 0: off.
+  optim.l2_sp = 0.0
+  # Layer-wise rate decay: each U-Net block's rate times layer_decay ** (its depth from the
+  # head along the U, the input block deepest); 1: off.
+  optim.layer_decay = 1.0
+  # LP-FT: the head alone for this many first steps (its own clip, warm-up and cosine), then
+  # every parameter from a fresh optimizer over the remaining steps; 0: off.
+  optim.linear_probe_steps = 0
   return optim
 
 

@@ -30,6 +30,7 @@ from pixssl_jax.rundir import networks
 from pixssl_jax.rundir import run_record
 from pixssl_jax.train import checkpointing
 from pixssl_jax.train import config_checks
+from pixssl_jax.train import finetune_recipe
 from pixssl_jax.train import load_pretrained
 from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
@@ -149,51 +150,76 @@ def build_model(config: ml_collections.ConfigDict,
 
 @flax.struct.dataclass
 class SegState:
-  """Everything a fine-tuning step updates; checkpointed as one pytree."""
+  """Everything a fine-tuning step updates; checkpointed as one pytree.
+
+  `start_backbone` is the backbone at step 0 (pre-trained, or the random initialisation from
+  scratch), never updated: L2-SP pulls towards it and the distance moved is measured from it.
+  In the checkpoint, so a resumed run has the same start whatever happened to its source.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  start_backbone: Any
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The pre-training optimizer family for the head and the backbone.
 
-  With `linear_probe` only the head is updated. Otherwise the backbone trains at
-  `optim.backbone_lr_scale` times the head's rate (the same optimizer, its own moments), and
-  with `optim.head_warmup_steps` = N it is held for the first N steps while the new head
-  adapts, then runs its own warm-up and cosine over the remaining steps. Scale 1 and N = 0 (or
-  a config without the fields) is one optimizer over all parameters, the optimizer state of
-  fine-tuning runs written before the fields existed.
+  With `linear_probe` only the head is updated. Otherwise `_all_parameters` trains everything,
+  after a linear probe of `optim.linear_probe_steps` steps when that is > 0 (LP-FT:
+  `finetune_recipe.linear_probe_then_finetune`).
   """
-  tx = optimizers.make_optimizer(config.optim, config.num_steps)
   if config.linear_probe:
+    tx = optimizers.make_optimizer(config.optim, config.num_steps)
     labels = lambda params: {k: 'frozen' if k == 'backbone' else 'trained' for k in params}
     return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  probe = int(config.optim.linear_probe_steps)
+  tx = _all_parameters(config, config.num_steps - probe)
+  return finetune_recipe.linear_probe_then_finetune(config.optim, tx, probe) if probe else tx
+
+
+def _all_parameters(config: ml_collections.ConfigDict,
+                    num_steps: int) -> optax.GradientTransformation:
+  """The optimizer of every parameter over `num_steps` steps.
+
+  The backbone trains at `optim.backbone_lr_scale` times the head's rate (the same optimizer,
+  its own moments), and with `optim.head_warmup_steps` = N it is held for the first N steps
+  while the new head adapts, then runs its own warm-up and cosine over the remaining steps.
+  `optim.layer_decay` then scales each backbone block's updates by its factor
+  (`finetune_recipe.block_depth`). Scale 1, N = 0 and decay 1 is one optimizer over all
+  parameters, the optimizer state of fine-tuning runs written before the fields existed.
+  """
   scale = float(config.optim.backbone_lr_scale)
   held = int(config.optim.head_warmup_steps)
+  decay = float(config.optim.layer_decay)
   if scale == 1.0 and held == 0:
-    return tx
-  # One global-norm clip over all gradients, as at scale 1; then a rate per group.
-  unclipped = config.optim.copy_and_resolve_references()
-  unclipped.grad_clip = 0.0
-  backbone = unclipped.copy_and_resolve_references()
-  backbone.learning_rate = unclipped.learning_rate * scale
-  if scale > 0 and held < config.num_steps:
-    backbone_tx = optimizers.make_optimizer(backbone, config.num_steps - held)
-    backbone_tx = optimizers.delayed(backbone_tx, held) if held else backbone_tx
+    tx = optimizers.make_optimizer(config.optim, num_steps)
   else:
-    backbone_tx = optax.set_to_zero()
-  groups = {'head': optimizers.make_optimizer(unclipped, config.num_steps),
-            'backbone': backbone_tx}
-  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
-  grouped = optax.multi_transform(groups, labels)
-  if config.optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), grouped)
-  return grouped
+    # One global-norm clip over all gradients, as at scale 1; then a rate per group.
+    unclipped = config.optim.copy_and_resolve_references()
+    unclipped.grad_clip = 0.0
+    backbone = unclipped.copy_and_resolve_references()
+    backbone.learning_rate = unclipped.learning_rate * scale
+    if scale > 0 and held < num_steps:
+      backbone_tx = optimizers.make_optimizer(backbone, num_steps - held)
+      backbone_tx = optimizers.delayed(backbone_tx, held) if held else backbone_tx
+    else:
+      backbone_tx = optax.set_to_zero()
+    groups = {'head': optimizers.make_optimizer(unclipped, num_steps), 'backbone': backbone_tx}
+    labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
+    tx = optax.multi_transform(groups, labels)
+    if config.optim.grad_clip > 0:
+      tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), tx)
+  if decay != 1.0:
+    # model.head_level None is level 0 when every parameter trains (`resolve`).
+    tx = optax.chain(tx, finetune_recipe.scale_by_layer_decay(
+        decay, len(config.model.features), int(config.model.head_level or 0)))
+  return tx
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> SegState:
-  return SegState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return SegState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                  start_backbone=params['backbone'])
 
 
 def _sample_shape(config) -> tuple[int, ...]:
@@ -244,14 +270,20 @@ def train_step(state: SegState, batch: dict[str, jax.Array], *,
       params = dict(params, backbone=jax.lax.stop_gradient(params['backbone']))
     logits = model.apply({'params': params}, batch['image'], deterministic=False,
                          rngs={'dropout': loop.step_key(config.seed, state.step)})
-    return seg_losses.segmentation_loss(logits, batch['label'],
-                                        dice_weight=config.loss.dice_weight,
-                                        ce_weight=config.loss.ce_weight)
+    loss, metrics = seg_losses.segmentation_loss(logits, batch['label'],
+                                                 dice_weight=config.loss.dice_weight,
+                                                 ce_weight=config.loss.ce_weight)
+    if config.optim.l2_sp:  # `loss` stays the segmentation loss, comparable across recipes.
+      penalty = finetune_recipe.l2_sp_penalty(params['backbone'], state.start_backbone,
+                                              config.optim.l2_sp)
+      loss, metrics = loss + penalty, dict(metrics, l2_sp=penalty)
+    return loss, metrics
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  schedule = optimizers.learning_rate_schedule(config.optim, config.num_steps)
+  schedule = finetune_recipe.head_schedule(config.optim, config.num_steps,
+                                           int(config.optim.linear_probe_steps))
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -335,13 +367,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       voxels_per_step=config.batch_size * math.prod(config.data.patch_size), enabled=is_chief,
       print_fn=print_fn)
 
+  moved_fn = jax.jit(finetune_recipe.relative_distance)
+
   def validate_and_save(step):
     _, summary = validation_scores(scorer, state.params, store, 'val',
                                    config.eval.val_max_cases)
     scores = metrics_lib.mean_scores(summary)
-    writer.write_scalars(step, scores, prefix='val')
+    moved = float(moved_fn(state.params['backbone'], state.start_backbone))
+    writer.write_scalars(step, dict(scores, backbone_moved=moved), prefix='val')
     checkpointing.save(manager, step, state, data_iter, force=True,
-                       metrics={BEST_METRIC: scores['dice']})
+                       metrics={BEST_METRIC: scores['dice'], 'backbone_moved': moved})
 
   stop_requested = preemption.StopRequest(manager)
   pending = None

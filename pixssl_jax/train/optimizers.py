@@ -64,3 +64,29 @@ def delayed(tx: optax.GradientTransformation, steps: int) -> optax.GradientTrans
             DelayedState(state.count + 1, jax.tree.map(pick, new_inner, state.inner)))
 
   return optax.GradientTransformation(init, update)
+
+
+class TwoStageState(NamedTuple):
+  count: jax.Array
+  first: Any
+  second: Any
+
+
+def two_stage(first: optax.GradientTransformation, second: optax.GradientTransformation,
+              steps: int) -> optax.GradientTransformation:
+  """`first` for the first `steps` updates, then `second`, each state advancing only in its
+  own stage: `second` starts as if created then (schedule and moments from their start)."""
+  def init(params):
+    return TwoStageState(jnp.zeros((), jnp.int32), first.init(params), second.init(params))
+
+  def update(updates, state, params=None):
+    in_first = state.count < steps
+    first_updates, first_state = first.update(updates, state.first, params)
+    second_updates, second_state = second.update(updates, state.second, params)
+    keep = lambda active: (lambda new, old: jnp.where(active, new, old))
+    return (jax.tree.map(lambda a, b: jnp.where(in_first, a, b), first_updates, second_updates),
+            TwoStageState(state.count + 1,
+                          jax.tree.map(keep(in_first), first_state, state.first),
+                          jax.tree.map(keep(~in_first), second_state, state.second)))
+
+  return optax.GradientTransformation(init, update)
