@@ -68,7 +68,7 @@ def test_readme_lists_every_mode():
 
 def test_readme_commands_run_verbatim_with_relative_paths(clone):
   commands = readme_commands()
-  demo, finetune, evaluate, prepare, pretrain_store = commands
+  demo, finetune, evaluate, export, prepare, pretrain_store = commands
   # The README's example raw folder, with tiny phantoms in it.
   phantoms.generate_dataset(clone / 'data' / 'Task03_Liver', 6, seed=0, shape_scale=0.4)
 
@@ -87,6 +87,9 @@ def test_readme_commands_run_verbatim_with_relative_paths(clone):
   assert scored.returncode == 0, scored.stderr[-3000:]
   assert (clone / 'runs' / 'demo_ft' / 'metrics.csv').exists()
   assert list((clone / 'runs' / 'demo_ft' / 'predictions').glob('*.nii.gz'))
+  exported = _run(export, clone)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert (clone / 'demo_ft.safetensors').stat().st_size > 0
 
   prepared = _run(prepare, clone)
   assert prepared.returncode == 0, prepared.stderr[-3000:]
