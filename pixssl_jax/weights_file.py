@@ -3,7 +3,7 @@
 Layout (both formats): one tensor per parameter, named by its Flax path joined with '/',
 float32, channels last, e.g.
 
-    backbone/enc0/conv0/kernel   [3, 3, 1, 16]    (2-D: [kh, kw, in, out]; 3-D: [kd, kh, kw, in, out])
+    backbone/enc0/conv0/kernel   [3, 3, 1, 16]    (2-D [kh, kw, in, out]; 3-D [kd, kh, kw, in, out])
     backbone/enc0/norm0/scale    [16]
     backbone/up1/kernel          [2, 2, 32, 16]   (transposed convolution)
     seg_head/kernel              [16, K]          (fine-tuning runs only)
