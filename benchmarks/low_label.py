@@ -117,6 +117,24 @@ ARMS = {
     'calibrated_head_warmup': Arm({}, finetune={'optim.head_warmup_steps': 200},
                                   pretrained_as='calibrated'),
 }
+# The positive control: a plain dense pretext task on the same U-Net and store, masked-image
+# restoration (MAE / Models Genesis in-painting): 60% of the 8-voxel cells of each view hidden.
+RESTORATION = {'method.use_global': False, 'method.use_pixel': False,
+               'method.lambda_variance': 0.0, 'method.lambda_covariance': 0.0,
+               'method.lambda_restoration': 1.0, 'data.mask_ratio': 0.6}
+# Harder views: intensity augmentations more often and stronger, non-linear remaps that can
+# reorder tissue intensities (as contrast phases do), wider crop scales, less overlap.
+HARD_VIEWS = {'data.intensity.prob': 0.8, 'data.intensity.contrast': 0.5,
+              'data.intensity.gamma': 0.6, 'data.intensity.window_jitter': 0.3,
+              'data.intensity.remap_prob': 0.8, 'data.scale_range': (0.5, 2.0),
+              'data.min_overlap': 0.2}
+ARMS.update({
+    'restoration': Arm(RESTORATION),
+    'restoration_hard': Arm({**RESTORATION, **HARD_VIEWS}),
+    'full_hard': Arm(HARD_VIEWS),
+    # The student also restores nothing but sees 40% of its cells hidden (the teacher sees all).
+    'full_masked': Arm({'data.mask_ratio': 0.4}),
+})
 BASELINE = 'scratch'
 # Every pre-trained arm is also paired with it: an ablation's loss against the full method.
 REFERENCE = 'full'
@@ -289,7 +307,9 @@ class Benchmark:
     return notes
 
   def pretrain_dir(self, arm: str, seed: int) -> pathlib.Path:
-    return self.out / 'pretrain' / f'{arm}_p{seed}'
+    root = pathlib.Path(self.args.pretrain_dir).resolve() if self.args.pretrain_dir else (
+        self.out / 'pretrain')
+    return root / f'{arm}_p{seed}'
 
   def jobs(self) -> list[dict]:
     """Every job of this invocation, in run order: pre-trainings, fine-tunings, probes."""
@@ -448,6 +468,9 @@ def parse_args(argv=None):
   parser.add_argument('--keep_checkpoints', action='store_true',
                       help='keep fine-tuned weights (deleted once scored by default)')
   parser.add_argument('--out', default=None, help='default runs/low_label[_3d][_quick]')
+  parser.add_argument('--pretrain_dir', default=None,
+                      help='folder of the pre-trainings (default OUT/pretrain): benchmarks of '
+                      'other fine-tuning lengths or recipes on the same store share them')
   parser.add_argument('--quick', action='store_true',
                       help='smoke run: tiny widths, a few steps, 1 seed, scratch + full, budget 1')
   parser.add_argument('--verbose', action='store_true', help="print the runs' own progress")
