@@ -8,12 +8,21 @@ scattered through the code.
 
 import ml_collections
 
+from pixssl_jax import config_files
 from pixssl_jax.data import default_dataset
 from pixssl_jax.rundir import config_io
 
 _PRETRAIN, _FINETUNE = 'pretrain', 'finetune'
 
-# (dotted field, the value runs written before it existed behaved as, config files it is in).
+
+def _finetune_intensity_off() -> ml_collections.ConfigDict:
+  block = config_files.load(_FINETUNE).data.intensity
+  block.enabled = False
+  return block
+
+
+# (dotted field, the value runs written before it existed behaved as, or a function making it;
+# the config files it is in).
 ADDED_FIELDS = (
     ('data.phantom_spacing', default_dataset.DEFAULT_SPACING, (_PRETRAIN, _FINETUNE)),
     ('data.phantom_family', 'basic', (_PRETRAIN, _FINETUNE)),
@@ -33,7 +42,16 @@ ADDED_FIELDS = (
     ('label_count', 0, (_FINETUNE,)),
     ('label_slices', 0, (_FINETUNE,)),
     ('init_file', None, (_FINETUNE,)),
+    ('data.intensity.remap_prob', 0.0, (_PRETRAIN,)),
+    ('data.intensity.remap_nonmonotone_prob', 0.5, (_PRETRAIN,)),
+    ('data.mask_ratio', 0.0, (_PRETRAIN,)),
+    ('data.mask_patch', 8, (_PRETRAIN,)),
+    ('data.scale_range', (1.0, 1.0), (_FINETUNE,)),
+    # Fine-tuning had no intensity augmentation: the block, switched off (its other fields
+    # are then never read).
+    ('data.intensity', _finetune_intensity_off, (_FINETUNE,)),
 )
+
 
 
 def config_file_of(config: ml_collections.ConfigDict) -> str:
@@ -58,5 +76,5 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parent, _, leaf = path.rpartition('.')
     node = config_io.field_at(config, parent) if parent else config
     if node is not config_io.MISSING and leaf not in node:
-      node[leaf] = value
+      node[leaf] = value() if callable(value) else value
   return config
