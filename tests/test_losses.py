@@ -10,6 +10,11 @@ import pytest
 from pixssl_jax import losses
 
 
+def _weighted_loss(discrepancy, valid, uncertainty, **kwargs):
+  """The loss alone of `losses.uncertainty_weighting` (same arguments)."""
+  return losses.uncertainty_weighting(discrepancy, valid, uncertainty, **kwargs)[0]
+
+
 # ---------------------------------------------------------------- view transforms built by hand
 
 
@@ -152,18 +157,18 @@ def test_weighted_pixel_loss_absolute_forms_by_hand():
   valid = jnp.array([[True, True, True, False]])
   # 'exp': u = tau * ln(1, 2, 4) gives weights 1, 1/2, 1/4.
   u = jnp.array([[0.0, tau * np.log(2.0), tau * np.log(4.0), 0.0]])
-  got = losses.weighted_pixel_loss(d, valid, u, form='exp', scale='absolute', tau=tau)
+  got = _weighted_loss(d, valid, u, form='exp', scale='absolute', tau=tau)
   assert float(got) == pytest.approx((1 + 0.5 * 2 + 0.25 * 3) / 1.75, rel=1e-6)
   # 'kendall': u + eps = 1, e, e^2 -> s = 0, 1, 2.
   uk = jnp.array([[1.0, np.e, np.e ** 2, 5.0]]) - eps
-  got = losses.weighted_pixel_loss(d, valid, uk, form='kendall', scale='absolute', eps=eps)
+  got = _weighted_loss(d, valid, uk, form='kendall', scale='absolute', eps=eps)
   expected = ((1.0 + 0.0) + (2.0 / np.e + 1.0) + (3.0 / np.e ** 2 + 2.0)) / 3
   assert float(got) == pytest.approx(expected, rel=1e-5)
   # 'threshold': only u < t counts (pixels 0 and 1).
-  got = losses.weighted_pixel_loss(d, valid, u, form='threshold', scale='absolute',
+  got = _weighted_loss(d, valid, u, form='threshold', scale='absolute',
                                    threshold=0.5)
   assert float(got) == pytest.approx(1.5)
-  got = losses.weighted_pixel_loss(d, valid, u, form='none')
+  got = _weighted_loss(d, valid, u, form='none')
   assert float(got) == pytest.approx(2.0)
 
 
@@ -180,11 +185,11 @@ def test_weighted_pixel_loss_relative_forms_by_hand():
   # 'kendall': s = log(C u + eps) with C u + eps = 1, e, e^2.
   c, eps = 4, 0.01
   uk = (jnp.array([[1.0, np.e, np.e ** 2, 5.0]]) - eps) / c
-  got = losses.weighted_pixel_loss(d, valid, uk, form='kendall', eps=eps, num_channels=c)
+  got = _weighted_loss(d, valid, uk, form='kendall', eps=eps, num_channels=c)
   expected = ((1.0 + 0.0) + (2.0 / np.e + 1.0) + (3.0 / np.e ** 2 + 2.0)) / 3
   assert float(got) == pytest.approx(expected, rel=1e-5)
   # 'threshold': the 2/3 most certain valid pixels, u = 1 and 2.
-  got = losses.weighted_pixel_loss(d, valid, u, form='threshold', keep_fraction=2 / 3)
+  got = _weighted_loss(d, valid, u, form='threshold', keep_fraction=2 / 3)
   assert float(got) == pytest.approx(1.5)
 
 
@@ -195,7 +200,7 @@ def test_weighted_pixel_loss_no_valid_pixel_is_zero_not_nan(form, scale):
   valid = jnp.zeros((2, 3), bool)
 
   def f(d, u):
-    return losses.weighted_pixel_loss(d, valid, u, form=form, scale=scale, tau=0.1, eps=1e-3,
+    return _weighted_loss(d, valid, u, form=form, scale=scale, tau=0.1, eps=1e-3,
                                       threshold=1.0, keep_fraction=0.5, num_channels=4)
 
   assert float(f(d, u)) == 0.0
@@ -205,15 +210,15 @@ def test_weighted_pixel_loss_no_valid_pixel_is_zero_not_nan(form, scale):
 
 def test_weighted_pixel_loss_rejects_unknown_form_and_scale():
   with pytest.raises(ValueError, match='weighting'):
-    losses.weighted_pixel_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='softmax')
+    _weighted_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='softmax')
   with pytest.raises(ValueError, match='weighting_scale'):
-    losses.weighted_pixel_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='exp', scale='log')
+    _weighted_loss(jnp.ones(2), jnp.ones(2), jnp.ones(2), form='exp', scale='log')
 
 
 @pytest.mark.parametrize('scale', losses.WEIGHTING_SCALES)
 def test_exp_weights_carry_no_gradient(scale):
   d, valid = jnp.array([1.0, 3.0]), jnp.array([True, True])
-  g = jax.grad(lambda u: losses.weighted_pixel_loss(d, valid, u, form='exp', scale=scale,
+  g = jax.grad(lambda u: _weighted_loss(d, valid, u, form='exp', scale=scale,
                                                     tau=1.0))(jnp.array([0.1, 0.2]))
   np.testing.assert_array_equal(np.asarray(g), [0.0, 0.0])
 
@@ -269,12 +274,12 @@ def test_relative_kendall_terms_are_order_one():
   s = np.log(c * np.asarray(u) + 1e-3)[v]
   scaled = (np.asarray(d)[v] * np.exp(-s))
   assert 1 < np.mean(np.abs(s)) < 5 and 1 < np.mean(scaled) < 30
-  loss = losses.weighted_pixel_loss(d, valid, u, form='kendall', eps=1e-3, num_channels=c)
+  loss = _weighted_loss(d, valid, u, form='kendall', eps=1e-3, num_channels=c)
   assert abs(float(loss)) < 30
-  absolute = losses.weighted_pixel_loss(d, valid, u, form='kendall', scale='absolute', eps=1e-3)
+  absolute = _weighted_loss(d, valid, u, form='kendall', scale='absolute', eps=1e-3)
   assert float(absolute) > 100  # the mis-scaled paper form on the same u
   # The gradient in log u pulls C u towards d: down where C u > d, up where C u < d.
-  g = jax.grad(lambda x: losses.weighted_pixel_loss(
+  g = jax.grad(lambda x: _weighted_loss(
       d, valid, jnp.exp(x), form='kendall', eps=1e-3, num_channels=c))(jnp.log(u))
   g = np.asarray(g)[v]
   ratio = (c * np.asarray(u) / np.asarray(d))[v]

@@ -19,7 +19,6 @@ from pixssl_jax.losses.uncertainty import valid_ranks
 from pixssl_jax.losses.uncertainty import weight_statistics
 from pixssl_jax.losses.uncertainty import WEIGHTING_FORMS
 from pixssl_jax.losses.uncertainty import WEIGHTING_SCALES
-from pixssl_jax.losses.uncertainty import weighted_pixel_loss
 
 __all__ = [
     'WEIGHTING_FORMS',
@@ -41,5 +40,4 @@ __all__ = [
     'valid_ranks',
     'variance_covariance',
     'weight_statistics',
-    'weighted_pixel_loss',
 ]

@@ -237,12 +237,6 @@ def uncertainty_calibration(uncertainty: jnp.ndarray, discrepancy: jnp.ndarray,
   return 1.0 - jnp.where(ordered, jnp.sum(x * y) / n / norm, 0.0)
 
 
-def weighted_pixel_loss(discrepancy: jnp.ndarray, valid: jnp.ndarray, uncertainty: jnp.ndarray,
-                        **kwargs) -> jnp.ndarray:
-  """The loss of `uncertainty_weighting` alone (same arguments)."""
-  return uncertainty_weighting(discrepancy, valid, uncertainty, **kwargs)[0]
-
-
 def weight_statistics(weights: jnp.ndarray, valid: jnp.ndarray
                       ) -> dict[str, jnp.ndarray]:
   """How far the pixel weights are from uniform, over the valid pixels.
