@@ -27,16 +27,16 @@ from ml_collections import config_dict
 def _data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.data_dir = config_dict.placeholder(str)  # None: the embedded phantom dataset.
-  data.cache_dir = config_dict.placeholder(str)
-  data.num_phantoms = 24
-  data.phantom_seed = 0
-  data.phantom_shape_scale = 1.0
+  data.cache_dir = config_dict.placeholder(str)  # None -> $PIXSSL_CACHE or ~/.cache/pixssl_jax.
+  data.num_phantoms = 24  # Cases in the phantom dataset (data_dir None).
+  data.phantom_seed = 0  # Seed of the phantom generator and of the phantom store's splits.
+  data.phantom_shape_scale = 1.0  # Phantom size factor (docs/data.md).
   data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
   # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
   # pixssl_jax.data.phantoms_clinical).
   data.phantom_family = 'basic'
-  data.ndim = 2
-  data.patch_size = (128, 128)
+  data.ndim = 2  # 2: axial slices; 3: 3-D patches.
+  data.patch_size = (128, 128)  # Crop size in voxels, one per spatial axis (ndim of them).
   data.foreground_prob = 0.67  # Crops centred on a labelled voxel [default: nnU-Net's 1/3 bg].
   # Random flips swap left and right: with lateral labels (kidney_left/right, spleen vs liver)
   # they teach the network that either side is either organ. Off by default [default].
@@ -47,27 +47,27 @@ def _data_config() -> ml_collections.ConfigDict:
   # Intensity augmentation of the crops; the fields mean what they mean in configs/pretrain.py.
   # Off by default [default]; enabled=True turns it on.
   data.intensity = ml_collections.ConfigDict()
-  data.intensity.enabled = False
-  data.intensity.prob = 0.5
-  data.intensity.window_jitter = 0.1
-  data.intensity.remap_prob = 0.0
-  data.intensity.remap_nonmonotone_prob = 0.5
-  data.intensity.brightness = 0.1
-  data.intensity.contrast = 0.2
-  data.intensity.gamma = 0.3
-  data.intensity.noise_std = 0.03
-  data.intensity.blur_sigma = (0.5, 1.0)
-  data.worker_count = 0
-  data.read_threads = 2
-  data.prefetch_buffer_size = 4
+  data.intensity.enabled = False  # True: augment the crops' intensities.
+  data.intensity.prob = 0.5  # Probability of each augmentation, independently.
+  data.intensity.window_jitter = 0.1  # HU window centre and width moved by up to this x width.
+  data.intensity.remap_prob = 0.0  # Random Bezier remap of the windowed intensities; 0: off.
+  data.intensity.remap_nonmonotone_prob = 0.5  # Share of the remaps that are non-monotone.
+  data.intensity.brightness = 0.1  # Added offset, uniform in +-this (windowed [0, 1] units).
+  data.intensity.contrast = 0.2  # Deviation from the mean scaled by 1 +- this (uniform).
+  data.intensity.gamma = 0.3  # x ** g, log g uniform in +-log(1 + gamma).
+  data.intensity.noise_std = 0.03  # Gaussian noise, its std uniform in [0, noise_std].
+  data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
+  data.worker_count = 0  # grain worker processes; 0: in the main process.
+  data.read_threads = 2  # grain read threads per worker.
+  data.prefetch_buffer_size = 4  # grain read-ahead buffer, in records.
   return data
 
 
 def _model_config() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.features = (16, 32, 64, 128)  # Must equal the pre-training run's (strict loading).
-  model.num_groups = 8
-  model.dtype = 'float32'
+  model.num_groups = 8  # GroupNorm groups; must equal the pre-training run's.
+  model.dtype = 'float32'  # Compute dtype; parameters are always float32.
   model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   # Decoder level the 1x1 head reads; None: 0 (full resolution) when fine-tuning, the
   # pre-training's pixel_level for a linear probe (the level the pre-training loss compared).
@@ -78,11 +78,11 @@ def _model_config() -> ml_collections.ConfigDict:
 
 def _optim_config() -> ml_collections.ConfigDict:
   optim = ml_collections.ConfigDict()
-  optim.name = 'adamw'
-  optim.learning_rate = 1e-3
-  optim.warmup_steps = 20
-  optim.weight_decay = 1e-4
-  optim.grad_clip = 1.0
+  optim.name = 'adamw'  # 'adamw' | 'lars'.
+  optim.learning_rate = 1e-3  # Peak rate of the head, for the global batch.
+  optim.warmup_steps = 20  # Linear warm-up, then cosine decay to 0 at num_steps.
+  optim.weight_decay = 1e-4  # AdamW's decoupled decay (or LARS's), on kernels only.
+  optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
   # The backbone's rate is learning_rate times this; the head's is learning_rate. Below 1 a
   # fine-tuning moves pre-trained weights less (docs/evaluation.md, learning rates).
   optim.backbone_lr_scale = 1.0
@@ -110,7 +110,7 @@ def _eval_config() -> ml_collections.ConfigDict:
   ev.gaussian = True  # nnU-Net Gaussian importance weighting.
   ev.batch_size = 16  # Windows per device call.
   ev.uncertainty = False  # Also write the MC-dropout uncertainty map per case.
-  ev.mc_samples = 8
+  ev.mc_samples = 8  # Dropout samples of the uncertainty map.
   ev.export = True  # Write WORKDIR/predictions/<case>.nii.gz on the original grid.
   ev.val_max_cases = 0  # Validation during training: 0 = every 'val' case.
   return ev
@@ -121,11 +121,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   preset = preset or 'demo'
   config = ml_collections.ConfigDict()
   config.mode = 'finetune'  # 'finetune' | 'evaluate'.
-  config.preset = preset
-  config.seed = 0
+  config.preset = preset  # The preset's name, kept in config.json.
+  config.seed = 0  # Seeds the head's init, the label draw, the crops and dropout.
   # 'pretrained' (needs pretrained_workdir) | 'file' (needs init_file) | 'scratch'.
   config.init = 'pretrained'
-  config.pretrained_workdir = config_dict.placeholder(str)
+  config.pretrained_workdir = config_dict.placeholder(str)  # Pre-training run for 'pretrained'.
   # A weights file from python -m pixssl_jax.export_weights (.safetensors or .npz), for init=file.
   config.init_file = config_dict.placeholder(str)
   config.pretrained_step = config_dict.placeholder(int)  # None: the latest checkpoint.
@@ -144,13 +144,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # 300 steps learned only liver and vertebrae on the demo (test Dice 26%); 1000 learn all six
   # organs (76%; docs/BENCHMARKS.md), as in the low-label benchmark.
   config.num_steps = 1000
-  config.batch_size = 8
-  config.log_every = 25
+  config.batch_size = 8  # Global batch, over all processes and devices.
+  config.log_every = 25  # Progress line, TensorBoard and metrics.jsonl every N steps.
   config.eval_every = 500  # Validation on whole 'val' volumes; a checkpoint each time.
   config.keep_checkpoints = 2  # Latest checkpoints kept, plus the best by validation Dice.
   config.loss = ml_collections.ConfigDict()
-  config.loss.dice_weight = 1.0
-  config.loss.ce_weight = 1.0
+  config.loss.dice_weight = 1.0  # Weight of the soft Dice loss.
+  config.loss.ce_weight = 1.0  # Weight of the cross-entropy loss.
   config.data = _data_config()
   config.model = _model_config()
   config.optim = _optim_config()

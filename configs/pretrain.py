@@ -6,8 +6,8 @@ Run a preset with:
 
 Presets (the part after the colon):
   tiny     a few-second 2-D run on tiny phantoms, used by the tests.
-  demo     the default: 2-D 128x128 axial slices of the embedded phantom dataset; about 3 minutes
-           on 2 CPU cores (2 once the phantom store is built; docs/BENCHMARKS.md).
+  demo     the default: 2-D 128x128 axial slices of the embedded phantom dataset, on a CPU (its
+           wall time: docs/BENCHMARKS.md, "Pre-training demo, end to end").
   btcv_3d  3-D 96^3 patches from a local prepared store:
              --config.data.data_dir=/path/to/store (see README "Preparing a real dataset").
   tpu_pod  btcv_3d at pod scale: the global batch spread over all chips, bf16 compute, fp32 params.
@@ -28,15 +28,15 @@ def _data_config() -> ml_collections.ConfigDict:
   # dataset, generated and prepared into `cache_dir` on first use.
   data.data_dir = config_dict.placeholder(str)
   data.cache_dir = config_dict.placeholder(str)  # None -> $PIXSSL_CACHE or ~/.cache/pixssl_jax.
-  data.num_phantoms = 24
-  data.phantom_seed = 0
-  data.phantom_shape_scale = 1.0
+  data.num_phantoms = 24  # Cases in the phantom dataset (data_dir None).
+  data.phantom_seed = 0  # Seed of the phantom generator and of the phantom store's splits.
+  data.phantom_shape_scale = 1.0  # Phantom size factor (3: clinical in-plane grids; docs/data.md).
   data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
   # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
   # pixssl_jax.data.phantoms_clinical).
   data.phantom_family = 'basic'
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
-  data.patch_size = (128, 128)
+  data.patch_size = (128, 128)  # View size in voxels, one per spatial axis (ndim of them).
   # Spatial augmentation [default]: overlapping random crops, resized.
   data.region_scale = 2.0  # The region both views come from: region_scale * patch, per axis.
   data.min_overlap = 0.3  # Least fraction of each view's voxels that the other view also shows.
@@ -44,31 +44,31 @@ def _data_config() -> ml_collections.ConfigDict:
   # No flips, no axial quarter turns: both swap left and right (kidney_left/right, liver and
   # spleen sides), as fine-tuning's flips would; True, True restore the natural-image views.
   data.flip = False
-  data.rot90 = False
+  data.rot90 = False  # Random axial quarter turns; off for the reason above.
   data.min_body_fraction = 0.05  # 2-D: draw slices with at least this fraction of body voxels.
   # Intensity augmentation [default], applied independently to each view.
   data.intensity = ml_collections.ConfigDict()
-  data.intensity.enabled = True
+  data.intensity.enabled = True  # False: views are only windowed, never augmented.
   data.intensity.prob = 0.5  # Probability of each augmentation, independently.
-  data.intensity.window_jitter = 0.1
+  data.intensity.window_jitter = 0.1  # HU window centre and width moved by up to this x width.
   # Random Bezier remap of the windowed intensities (Models Genesis' non-linear transform),
   # per view; a non-monotone curve reorders tissue intensities, as contrast phases do.
   # 0: off (the default views).
   data.intensity.remap_prob = 0.0
   data.intensity.remap_nonmonotone_prob = 0.5  # Share of the remaps that are non-monotone.
-  data.intensity.brightness = 0.1
-  data.intensity.contrast = 0.2
-  data.intensity.gamma = 0.3
-  data.intensity.noise_std = 0.03
+  data.intensity.brightness = 0.1  # Added offset, uniform in +-this (windowed [0, 1] units).
+  data.intensity.contrast = 0.2  # Deviation from the mean scaled by 1 +- this (uniform).
+  data.intensity.gamma = 0.3  # x ** g, log g uniform in +-log(1 + gamma).
+  data.intensity.noise_std = 0.03  # Gaussian noise, its std uniform in [0, noise_std].
   data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
   # Student masking: this share of the cubes of mask_patch voxels per side of each view is
   # hidden from the student (the teacher sees the whole view); 0: off.
   data.mask_ratio = 0.0
-  data.mask_patch = 8
+  data.mask_patch = 8  # Side of a masking cube, voxels.
   # Input pipeline resources: 0 workers is fastest on small hosts; use 8+ on accelerator hosts.
   data.worker_count = 0
-  data.read_threads = 2
-  data.prefetch_buffer_size = 4
+  data.read_threads = 2  # grain read threads per worker.
+  data.prefetch_buffer_size = 4  # grain read-ahead buffer, in records.
   return data
 
 
@@ -80,7 +80,7 @@ def _model_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # Compute dtype; parameters are always float32.
   model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   model.proj_hidden = 256  # Global projector/predictor MLP [default: BYOL shape, smaller].
-  model.proj_dim = 128
+  model.proj_dim = 128  # Output size of the global projector and predictor.
   # Norm of the global MLP heads: 'batch' (statistics over the global batch, as BYOL; under jit
   # this is sharding-independent) or 'layer' (per sample; collapses the global branch early).
   model.head_norm = 'batch'
@@ -92,9 +92,9 @@ def _model_config() -> ml_collections.ConfigDict:
   # pre-training trains the full-resolution decoder the segmentation head reads; False: level
   # pixel_level only (levels below it then keep their initial weights).
   model.pixel_hypercolumn = True
-  model.pixel_proj_dim = 64
+  model.pixel_proj_dim = 64  # Channels of the pixel projection (and the stabilizer's output).
   model.stabilizer_hidden = 64  # Context stabilizer: 1x1-conv MLP with dropout [default].
-  model.stabilizer_dropout = 0.1
+  model.stabilizer_dropout = 0.1  # The stabilizer's MC-dropout rate; 0: no uncertainty.
   return model
 
 
@@ -116,18 +116,18 @@ def _method_config() -> ml_collections.ConfigDict:
   method.kendall_eps = 1e-3  # 'kendall': s = log(pixel_proj_dim * u + eps); absolute log(u + eps).
   # 'threshold' relative: keep the most certain fraction of valid pixels, ramped start -> end.
   method.threshold_keep_start = 0.5
-  method.threshold_keep_end = 0.9
+  method.threshold_keep_end = 0.9  # The fraction kept at the last step.
   # 'threshold' absolute: keep u < t, t ramped start -> end (UA-MT ramp).
   method.threshold_start = 2e-3
-  method.threshold_end = 4e-3
+  method.threshold_end = 4e-3  # The threshold at the last step.
   # Uncertainty calibration [ours, off by default]: 1 - Pearson correlation of log u and the
   # rank of the (constant) discrepancy d over the valid pixels, trained into the stabilizer's
   # weights only, so its MC-dropout spread ranks pixels as d does (docs/method.md). 1 makes u
   # predict d on held-out cases, and costs fine-tuned Dice on the low-label benchmark
   # (docs/BENCHMARKS.md); 0: off.
   method.lambda_calibration = 0.0
-  method.lambda_global = 1.0
-  method.lambda_pixel = 1.0
+  method.lambda_global = 1.0  # Weight of the global consistency term.
+  method.lambda_pixel = 1.0  # Weight of the pixel consistency term.
   method.match = 'inverse'  # 'inverse' (exact inverse mapping) | 'distance' (PixPro threshold).
   method.match_distance = 0.7  # 'distance': a pair if closer than this many feature-cell diagonals.
   # Anti-collapse [default, not in the paper's abstract]: VICReg's variance hinge and covariance
@@ -147,8 +147,8 @@ def _optim_config() -> ml_collections.ConfigDict:
   optim = ml_collections.ConfigDict()
   optim.name = 'adamw'  # 'adamw' | 'lars'.
   optim.learning_rate = 1e-3  # Peak, for the global batch.
-  optim.warmup_steps = 20
-  optim.weight_decay = 1e-4
+  optim.warmup_steps = 20  # Linear warm-up, then cosine decay to 0 at num_steps.
+  optim.weight_decay = 1e-4  # AdamW's decoupled decay (or LARS's), on kernels only.
   optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
   optim.ema_momentum = 0.996  # Teacher momentum m0, cosine-ramped to 1 [default: BYOL].
   # Share of its (random) initialisation the teacher may still hold after the last step: m0 is
@@ -161,14 +161,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   """Returns the pre-training config for `preset` (default 'demo')."""
   preset = preset or 'demo'
   config = ml_collections.ConfigDict()
-  config.mode = 'pretrain'
-  config.preset = preset
-  config.seed = 0
-  config.num_steps = 180  # About 2 minutes on 2 CPU cores, plus 1 to build the phantoms once.
+  config.mode = 'pretrain'  # The job main runs: this file's configs pre-train.
+  config.preset = preset  # The preset's name, kept in config.json.
+  config.seed = 0  # Seeds the init, the data stream and every step's random keys.
+  config.num_steps = 180  # Optimizer steps; the schedules end here.
   config.batch_size = 8  # Global batch, over all processes and devices.
-  config.log_every = 10
-  config.checkpoint_every = 50
-  config.keep_checkpoints = 3
+  config.log_every = 10  # Progress line, TensorBoard and metrics.jsonl every N steps.
+  config.checkpoint_every = 50  # A checkpoint every N steps and after the last.
+  config.keep_checkpoints = 3  # Newest checkpoints kept.
   config.image_every = 50  # TensorBoard images: both views, overlap, uncertainty; 0 disables.
   config.data = _data_config()
   config.model = _model_config()
