@@ -52,11 +52,20 @@ import pathlib
 import shutil
 import tempfile
 import time
+import types
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from pixssl_jax.data import phantoms_clinical
+from pixssl_jax.data.phantom_body import below
+from pixssl_jax.data.phantom_body import Body
+from pixssl_jax.data.phantom_body import diaphragm_dome
+from pixssl_jax.data.phantom_body import paint_body_wall
+from pixssl_jax.data.phantom_body import paint_table
+from pixssl_jax.data.phantom_body import paint_thorax
+from pixssl_jax.data.phantom_body import UNBOUNDED
 from pixssl_jax.data.phantom_geometry import Canvas
 from pixssl_jax.data.phantom_geometry import canvas_for_pose
 from pixssl_jax.data.phantom_geometry import deformed
@@ -64,7 +73,6 @@ from pixssl_jax.data.phantom_geometry import ellipse_xy
 from pixssl_jax.data.phantom_geometry import ellipsoid
 from pixssl_jax.data.phantom_geometry import RandomField
 from pixssl_jax.data.phantom_geometry import rotation
-from pixssl_jax.data.phantom_geometry import Shape
 from pixssl_jax.data.phantom_geometry import smooth_max
 from pixssl_jax.data.phantom_geometry import smooth_min
 from pixssl_jax.data.phantom_geometry import tube_xy
@@ -104,100 +112,51 @@ def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str) -
   return canvas_for_pose(shape, (dxy, dxy, dz), orientation, yaw, shift, fov_centre)
 
 
-class _Body:
-  """Body outline (superellipse with harmonics) and its layers, as depths below the skin."""
-
-  def __init__(self, rng):
-    self.ax = uniform(rng, 140, 175)
-    self.ay = self.ax * uniform(rng, 0.68, 0.8)
-    self.p = uniform(rng, 2.0, 2.6)
-    self.fat = uniform(rng, 8, 35)
-    self.muscle = uniform(rng, 8, 14)
-    self.harmonics = [(n, uniform(rng, 0, 0.025), uniform(rng, 0, 2 * np.pi)) for n in range(2, 6)]
-    self.zwave = (uniform(rng, 0.02, 0.05), uniform(rng, 250, 500), uniform(rng, 0, 2 * np.pi))
-    self.cavity_half_width = self.ax - 2 - 0.8 * self.fat - self.muscle
-
-  def sdf(self, layer: str) -> Shape:
-    """Signed distance to the outer surface of 'skin', 'fat', 'muscle' or 'cavity'."""
-
-    def f(x, y, z):
-      th = np.arctan2(y, x)
-      c, s = np.abs(np.cos(th)), np.abs(np.sin(th))
-      ay = np.where(y < 0, 0.92 * self.ay, self.ay)  # Flatter back, lying on the table.
-      r = 1. / ((c / self.ax)**self.p + (s / ay)**self.p)**(1. / self.p)
-      r = r * (1. + sum(a * np.cos(n * th + ph) for n, a, ph in self.harmonics))
-      amp, wavelength, ph = self.zwave
-      r = r * (1. + amp * np.sin(2 * np.pi * z / wavelength + ph))
-      depth = {'skin': 0., 'fat': 2.}.get(layer)
-      if depth is None:  # Subcutaneous fat thickest anteriorly, thinnest on the back.
-        depth = 2. + self.fat * (0.8 + 0.3 * np.sin(th) + 0.1 * np.cos(2 * th))
-        depth = depth + (self.muscle if layer == 'cavity' else 0.)
-      return np.hypot(x, y) - (r - depth)
-
-    return f
-
-
-_ALL = 5000.  # "Unbounded" half-extent of a window, mm (clipped to the grid).
-
-
-def _render_case(rng, shape_scale: float, orientation: str):
-  """Builds one phantom.
+def _spine_frame(rng, body: Body) -> types.SimpleNamespace:
+  """Spine centre line with lordosis, vertebral levels as a phase along z, and the diaphragm.
 
   Returns:
-    hu: [X, Y, Z] float32 HU; label: [X, Y, Z] uint8; affine [4, 4]; meta dict.
+    A namespace of the sampled constants and the functions of z (mm) built on them: `xv`,
+    `yv` (centre line), `bx`, `by` (vertebral body half-axes), `level_dz` (distance to the
+    nearest level's centre), `dome`, `below_dome` (diaphragm).
   """
-  hu_of = _sample_tissues(rng)
-  body = _Body(rng)
-  cv = _make_canvas(rng, shape_scale, 2 * body.ax, orientation)
-  bx0, by0 = body.ax * 1.2, body.ay * 1.2
-  inside = lambda f, layer, gap=2.: (lambda x, y, z: np.maximum(f(x, y, z),
-                                                                  body.sdf(layer)(x, y, z) + gap))
-
-  # 1. Body wall: skin, subcutaneous fat, muscle, then visceral fat filling the cavity.
-  for layer, tissue in (('skin', 'skin'), ('fat', 'fat'), ('muscle', 'muscle'),
-                        ('cavity', 'fat')):
-    cv.paint((-bx0, -by0, -_ALL), (bx0, by0, _ALL), body.sdf(layer), hu_of[tissue], 0)
-
-  # 2. Spine frame: centre line with lordosis, vertebral levels as a phase along z.
   xv0, yv0 = uniform(rng, -4, 4), -0.92 * body.ay + 0.5 * body.fat + uniform(rng, 70, 82)
   sco, sph, lord = uniform(rng, -3, 3), uniform(rng, 0, 2 * np.pi), uniform(rng, 4, 12)
-  xv = lambda z: xv0 + sco * np.sin(2 * np.pi * z / 600 + sph)
-  yv = lambda z: yv0 + lord * np.exp(-((z + 70) / 110)**2)
   vbx, vby = uniform(rng, 19, 24), uniform(rng, 14, 17)
-  bx = lambda z: vbx * (1 - 0.0008 * z)  # Lumbar bodies grow caudally.
-  by = lambda z: vby * (1 - 0.0008 * z)
   period, z0, zph = uniform(rng, 32, 38), uniform(rng, 0, 40), uniform(rng, 0, 2 * np.pi)
   half_body = period * (1 - uniform(rng, 0.2, 0.26)) / 2
-  level_dz = lambda z: ((lambda s: (s - np.round(s)) * period)(
-      (z - z0) / period + 0.05 * np.sin(2 * np.pi * z / 700 + zph)))
   z_top = uniform(rng, 95, 125)  # Right hemidiaphragm dome; the left is ~16 mm lower.
-  dome = lambda x, y: (z_top - 8 + 8 * np.tanh(x / 30) - 0.003 * (np.abs(x) - 60)**2
-                       - 0.002 * (y + 10)**2)
-  below_dome = lambda f, gap=3.: lambda x, y, z: np.maximum(f(x, y, z), z - dome(x, y) + gap)
+  dome = diaphragm_dome(z_top)
+  return types.SimpleNamespace(
+      xv0=xv0, yv0=yv0, vbx=vbx, vby=vby, half_body=half_body, z_top=z_top, dome=dome,
+      below_dome=below(dome),
+      xv=lambda z: xv0 + sco * np.sin(2 * np.pi * z / 600 + sph),
+      yv=lambda z: yv0 + lord * np.exp(-((z + 70) / 110)**2),
+      bx=lambda z: vbx * (1 - 0.0008 * z),  # Lumbar bodies grow caudally.
+      by=lambda z: vby * (1 - 0.0008 * z),
+      level_dz=lambda z: ((lambda s: (s - np.round(s)) * period)(
+          (z - z0) / period + 0.05 * np.sin(2 * np.pi * z / 700 + zph))))
 
-  # 3. Thorax base: lungs above the diaphragm around the mediastinum, heart on the dome.
-  med = lambda x, y, z: ellipse_xy(x - xv0 + 5, y - (yv0 + body.ay) / 2, 45, 70 + 0 * z)
-  lung = lambda x, y, z: smooth_max(np.maximum(body.sdf('cavity')(x, y, z) + 2, dome(x, y) - z),
-                               -med(x, y, z), 5)
-  cv.paint((-bx0, -by0, z_top - 80), (bx0, by0, _ALL), lung, hu_of['lung'], 0)
-  heart = ellipsoid((xv0 - 15, (yv0 + 0.8 * body.ay) / 2, z_top + 45), (55, 50, 55))
-  cv.paint((-80, -by0, z_top - 40), (80, by0, z_top + 110),
-           lambda x, y, z: np.maximum(heart(x, y, z), dome(x, y) - z + 2), hu_of['blood'], 0)
 
-  # 4. Back muscles: paraspinal columns and psoas (growing caudally from about L1).
+def _paint_back_muscles(cv: Canvas, rng, body: Body, sp, hu_of) -> None:
+  """Paraspinal columns and psoas (growing caudally from about L1)."""
+  _, by0 = body.half_extent
   for side in (-1, 1):
-    cx, cy = xv0 + side * uniform(rng, 30, 36), yv0 - vby - uniform(rng, 34, 42)
+    cx, cy = sp.xv0 + side * uniform(rng, 30, 36), sp.yv0 - sp.vby - uniform(rng, 34, 42)
     a, b = uniform(rng, 26, 32), uniform(rng, 28, 36)
     para = lambda x, y, z, cx=cx, cy=cy, a=a, b=b: ellipse_xy(x - cx, y - cy, a, b) + 0 * z
-    cv.paint((cx - a - 5, -by0, -_ALL), (cx + a + 5, cy + b + 5, _ALL),
-             inside(para, 'muscle', 0.), hu_of['muscle'], 0)
+    cv.paint((cx - a - 5, -by0, -UNBOUNDED), (cx + a + 5, cy + b + 5, UNBOUNDED),
+             body.inside(para, 'muscle', 0.), hu_of['muscle'], 0)
     rps = lambda z: np.clip(4 + (20 - z) * 0.11, 1, 26)
-    psoas = tube_xy(lambda z, s=side: xv(z) + s * (bx(z) + 0.8 * rps(z)), yv, rps)
-    cv.paint((xv0 - 80, yv0 - 40, -_ALL), (xv0 + 80, yv0 + 40, 30),
+    psoas = tube_xy(lambda z, s=side: sp.xv(z) + s * (sp.bx(z) + 0.8 * rps(z)), sp.yv, rps)
+    cv.paint((sp.xv0 - 80, sp.yv0 - 40, -UNBOUNDED), (sp.xv0 + 80, sp.yv0 + 40, 30),
              lambda x, y, z, p=psoas: np.maximum(p(x, y, z), z - 20), hu_of['muscle'], 0)
 
-  # 5. Gut: stomach (air-fluid level: the patient is supine, gas rises to +y), colon and
-  #    small-bowel loops, each a wall around fluid/stool and gas.
+
+def _paint_gut(cv: Canvas, rng, body: Body, sp, hu_of) -> None:
+  """Stomach (air-fluid level: the patient is supine, gas rises to +y), colon and small-bowel
+  loops, each a wall around fluid/stool and gas."""
+  inside = body.inside
   stool = RandomField(rng, 60., (8., 20.), n=8)
   content = {'fluid': hu_of['fluid'],
              'stool': lambda x, y, z: -40. + stool(x, y, z)}
@@ -212,7 +171,7 @@ def _render_case(rng, shape_scale: float, orientation: str):
   sc = np.array([uniform(rng, -70, -45), uniform(rng, 15, 40), uniform(rng, 40, 70)])
   sa = np.array([uniform(rng, 35, 48), uniform(rng, 25, 35), uniform(rng, 40, 55)])
   stomach = deformed(ellipsoid(sc, sa, rotation(uniform(rng, -20, 20))), RandomField(rng, 5.))
-  hollow(sc - sa.max() - 20, sc + sa.max() + 20, below_dome(inside(stomach, 'cavity', 3.)),
+  hollow(sc - sa.max() - 20, sc + sa.max() + 20, sp.below_dome(inside(stomach, 'cavity', 3.)),
          sc[1] + uniform(rng, -0.2, 0.5) * sa[1], 'fluid')
   cw = body.cavity_half_width
   x_asc, x_desc = cw * uniform(rng, 0.6, 0.75), -cw * uniform(rng, 0.65, 0.8)
@@ -220,7 +179,7 @@ def _render_case(rng, shape_scale: float, orientation: str):
                            (x_desc, uniform(rng, -10, 15), uniform(rng, 15, 45), uniform(rng, 14, 20))):
     tube = lambda x, y, z, xc=xc, yc=yc, r=r, ze=z_end: np.maximum(
         np.hypot(x - xc, y - yc) - r, z - ze)
-    hollow((xc - r - 10, yc - r - 10, -_ALL), (xc + r + 10, yc + r + 10, z_end + 10),
+    hollow((xc - r - 10, yc - r - 10, -UNBOUNDED), (xc + r + 10, yc + r + 10, z_end + 10),
            inside(deformed(tube, RandomField(rng, 4.)), 'cavity', 3.),
            yc + uniform(rng, -0.2, 0.5) * r, 'stool')
   yt, zt, sag, rt = uniform(rng, 30, 55), uniform(rng, -10, 15), uniform(rng, 10, 50), uniform(rng, 16, 22)
@@ -238,11 +197,14 @@ def _render_case(rng, shape_scale: float, orientation: str):
     hollow(c - a.max() - 5, c + a.max() + 5, inside(loop, 'cavity', 3.),
            c[1] + (uniform(rng, -0.3, 0.5) if rng.random() < 0.35 else 1e3), 'fluid')
 
-  # 6. Solid organs. Kidneys first as shapes, because liver and spleen wrap around them.
+
+def _kidney_shapes(rng, sp) -> dict:
+  """{label: (centre, half-axes, shape)} of both kidneys; drawn before the liver and spleen,
+  which wrap around them."""
   kidneys = {}
   zr = uniform(rng, -45, -20)
   for side, lab, zk in ((1, 4, zr), (-1, 3, zr + uniform(rng, 10, 25))):
-    c = np.array([xv0 + side * uniform(rng, 62, 76), yv0 + uniform(rng, -12, 2), zk])
+    c = np.array([sp.xv0 + side * uniform(rng, 62, 76), sp.yv0 + uniform(rng, -12, 2), zk])
     a = np.array([uniform(rng, 23, 28), uniform(rng, 20, 25), uniform(rng, 48, 60)])
     # Hilum faces antero-medially, upper pole tilts medially and posteriorly; local +x is
     # lateral on both sides (mirrored on the left).
@@ -252,9 +214,19 @@ def _render_case(rng, shape_scale: float, orientation: str):
     outer = ellipsoid(c, a, rot, mirror_x=side < 0)
     kidneys[lab] = (c, a, deformed(lambda x, y, z, o=outer, h=hilum: smooth_max(
         o(x, y, z), -h(x, y, z), 4), RandomField(rng, uniform(rng, 2, 4), (40., 100.))))
-  exclude = lambda f, g, gap: lambda x, y, z: smooth_max(f(x, y, z), gap - g(x, y, z), 6)
-  column = lambda x, y, z: ellipse_xy(x - xv0, y - yv0 - 5, vbx + 30, vby + 35) + 0 * z
+  return kidneys
 
+
+def _exclude(f, g, gap):
+  """f minus g grown by `gap` mm (smoothly)."""
+  return lambda x, y, z: smooth_max(f(x, y, z), gap - g(x, y, z), 6)
+
+
+def _paint_solid_organs(cv: Canvas, rng, body: Body, sp, hu_of) -> None:
+  """Liver (label 1), spleen (2) and kidneys (3, 4)."""
+  kidneys = _kidney_shapes(rng, sp)
+  inside, below_dome = body.inside, sp.below_dome
+  column = lambda x, y, z: ellipse_xy(x - sp.xv0, y - sp.yv0 - 5, sp.vbx + 30, sp.vby + 35) + 0 * z
   rc = np.array([uniform(rng, 60, 78), uniform(rng, -15, 5), uniform(rng, 25, 50)])
   ra = np.array([uniform(rng, 62, 78), uniform(rng, 62, 78), uniform(rng, 72, 88)])
   lc = np.array([uniform(rng, -25, -5), rc[1] + uniform(rng, 30, 45), rc[2] + uniform(rng, 10, 25)])
@@ -263,47 +235,57 @@ def _render_case(rng, shape_scale: float, orientation: str):
   left_lobe = ellipsoid(lc, la, rotation(uniform(rng, -15, 15)))
   liver = deformed(lambda x, y, z: smooth_min(right_lobe(x, y, z), left_lobe(x, y, z), 25),
                     RandomField(rng, uniform(rng, 5, 9)))
-  liver = exclude(exclude(below_dome(inside(liver, 'cavity')), kidneys[4][2], 4.), column, 0.)
+  liver = _exclude(_exclude(below_dome(inside(liver, 'cavity')), kidneys[4][2], 4.), column, 0.)
   texture = RandomField(rng, 3., (10., 30.))
   cv.paint(np.minimum(rc, lc) - ra.max() - 25, np.maximum(rc, lc) + ra.max() + 25, liver,
            lambda x, y, z: hu_of['liver'] + texture(x, y, z), 1)
 
-  pc = np.array([-cw * uniform(rng, 0.62, 0.72), yv0 - uniform(rng, 5, 25), uniform(rng, 35, 65)])
+  cw = body.cavity_half_width
+  pc = np.array([-cw * uniform(rng, 0.62, 0.72), sp.yv0 - uniform(rng, 5, 25),
+                 uniform(rng, 35, 65)])
   pa = np.array([uniform(rng, 24, 32), uniform(rng, 50, 62), uniform(rng, 40, 52)])
   prot = rotation(uniform(rng, 20, 40), uniform(rng, -10, 10), uniform(rng, -10, 10))
   notch = ellipsoid(pc + prot @ [1.1 * pa[0], 0, 0], pa * [0.5, 0.6, 0.6], prot)
   spleen = deformed(lambda x, y, z, o=ellipsoid(pc, pa, prot): smooth_max(
       o(x, y, z), -notch(x, y, z), 4), RandomField(rng, uniform(rng, 3, 6)))
-  spleen = exclude(below_dome(inside(spleen, 'cavity')), kidneys[3][2], 4.)
+  spleen = _exclude(below_dome(inside(spleen, 'cavity')), kidneys[3][2], 4.)
   cv.paint(pc - pa.max() - 20, pc + pa.max() + 20, spleen, hu_of['spleen'], 2)
   for lab, (c, a, kidney) in kidneys.items():
     cv.paint(c - a.max() - 15, c + a.max() + 15, inside(kidney, 'cavity'), hu_of['kidney'], lab)
 
-  # 7. Great vessels: IVC right-anterior of the spine (unlabelled), aorta left-anterior
-  #    (label 5) down to its bifurcation into the (unlabelled) common iliac arteries.
+
+def _paint_great_vessels(cv: Canvas, rng, sp, hu_of) -> None:
+  """IVC right-anterior of the spine (unlabelled), aorta left-anterior (label 5) down to its
+  bifurcation into the (unlabelled) common iliac arteries."""
+  xv0, yv0, xv, yv, by = sp.xv0, sp.yv0, sp.xv, sp.yv, sp.by
   z_bif, r0 = uniform(rng, -115, -85), uniform(rng, 10, 13)
   ivc_dx, ivc_dy, ivc_a, ivc_b = (uniform(rng, 20, 28), uniform(rng, 8, 14), uniform(rng, 11, 15),
                                   uniform(rng, 7, 10))
   ivc = lambda x, y, z: np.maximum(
       ellipse_xy(x - xv(z) - ivc_dx, y - yv(z) - by(z) - ivc_dy, ivc_a, ivc_b), z_bif - 10 - z)
-  cv.paint((xv0 - 20, yv0 - 20, z_bif - 20), (xv0 + 60, yv0 + 60, _ALL), ivc, hu_of['blood'], 0)
+  cv.paint((xv0 - 20, yv0 - 20, z_bif - 20), (xv0 + 60, yv0 + 60, UNBOUNDED), ivc,
+           hu_of['blood'], 0)
   ao_dx, ao_gap = uniform(rng, 12, 20), uniform(rng, 2, 5)
   rad = lambda z: r0 * (1 + 0.0008 * z)
   ao_x = lambda z: xv(z) - ao_dx
   ao_y = lambda z: yv(z) + by(z) + rad(z) + ao_gap
   aorta = tube_xy(ao_x, ao_y, rad)
-  cv.paint((xv0 - 60, yv0 - 10, z_bif - 10), (xv0 + 20, yv0 + 70, _ALL),
+  cv.paint((xv0 - 60, yv0 - 10, z_bif - 10), (xv0 + 20, yv0 + 70, UNBOUNDED),
            lambda x, y, z: np.maximum(aorta(x, y, z), z_bif - z), hu_of['blood'], 5)
   for side in (-1, 1):
     spread = np.tan(np.deg2rad(uniform(rng, 20, 30)))
     iliac = tube_xy(lambda z, s=side, t=spread: ao_x(z_bif) + s * (z_bif - z) * t, ao_y,
                      lambda z: 0.62 * r0 + 0 * z)
-    cv.paint((xv0 - 150, yv0 - 20, -_ALL), (xv0 + 150, yv0 + 70, z_bif + 5),
+    cv.paint((xv0 - 150, yv0 - 20, -UNBOUNDED), (xv0 + 150, yv0 + 70, z_bif + 5),
              lambda x, y, z, i=iliac: np.maximum(i(x, y, z), z - z_bif), hu_of['blood'], 0)
 
-  # 8. Vertebrae (label 6): discs along a column, bodies with a bright cortex over
-  #    cancellous bone, posterior elements around the (unlabelled) spinal canal.
-  spine_lo, spine_hi = (xv0 - 75, yv0 - vby - 75, -_ALL), (xv0 + 75, yv0 + 40, _ALL)
+
+def _paint_vertebrae(cv: Canvas, rng, body: Body, sp, hu_of) -> None:
+  """Vertebrae (label 6): discs along a column, bodies with a bright cortex over cancellous
+  bone, posterior elements around the (unlabelled) spinal canal."""
+  xv, yv, bx, by, level_dz, half_body = sp.xv, sp.yv, sp.bx, sp.by, sp.level_dz, sp.half_body
+  spine_lo = (sp.xv0 - 75, sp.yv0 - sp.vby - 75, -UNBOUNDED)
+  spine_hi = (sp.xv0 + 75, sp.yv0 + 40, UNBOUNDED)
   sect = lambda x, y, z: ellipse_xy(x - xv(z), y - yv(z), bx(z), by(z))
   cv.paint(spine_lo, spine_hi, lambda x, y, z: sect(x, y, z) + 0.5, hu_of['disc'], 0)
   vbody = lambda x, y, z: smooth_max(sect(x, y, z), np.abs(level_dz(z)) - half_body, 2.)
@@ -322,18 +304,14 @@ def _render_case(rng, shape_scale: float, orientation: str):
                             dz - 5)
     return np.minimum(np.minimum(arch, spinous), transverse)
 
-  cv.paint(spine_lo, spine_hi, inside(posterior, 'muscle', 3.), hu_of['posterior'], 6)
+  cv.paint(spine_lo, spine_hi, body.inside(posterior, 'muscle', 3.), hu_of['posterior'], 6)
   cv.paint(spine_lo, spine_hi, lambda x, y, z: ellipse_xy(x - xv(z), y - yc(z), ca, cb),
            hu_of['csf'], 0)
 
-  # 9. Scanner table under the patient (curved carbon plate).
-  y_table = -0.92 * body.ay - uniform(rng, 5, 40)
-  table = lambda x, y, z: np.maximum(np.abs(y - y_table + 6 - x * x / 1200) - 6,
-                                     np.abs(x) - 230 + 0 * z)
-  cv.paint((-240, y_table - 20, -_ALL), (240, y_table + 60, _ALL), table, hu_of['table'], 0)
 
-  # 10. Image formation: white noise through the in-plane PSF; scaled so that its std
-  #     after the PSF is `sigma` (the PSF also blurs the anatomy: partial volume).
+def _form_image(cv: Canvas, rng, orientation: str, hu_of):
+  """White noise through the in-plane PSF, scaled so that its std after the PSF is `sigma`
+  (the PSF also blurs the anatomy: partial volume); returns the case as `_render_case` does."""
   sigma = uniform(rng, 10, 25)
   impulse = np.zeros((15, 15))
   impulse[7, 7] = 1.
@@ -344,6 +322,27 @@ def _render_case(rng, shape_scale: float, orientation: str):
               spacing=[round(float(s), 4) for s in np.abs(np.diag(cv.affine)[:3])],
               noise_sigma_hu=round(sigma, 2), tissues_hu=hu_of)
   return hu, cv.label, cv.affine, meta
+
+
+def _render_case(rng, shape_scale: float, orientation: str):
+  """Builds one phantom, painting structures in the order that later ones cover earlier ones.
+
+  Returns:
+    hu: [X, Y, Z] float32 HU; label: [X, Y, Z] uint8; affine [4, 4]; meta dict.
+  """
+  hu_of = _sample_tissues(rng)
+  body = Body(rng)
+  cv = _make_canvas(rng, shape_scale, 2 * body.ax, orientation)
+  paint_body_wall(cv, body, hu_of)
+  sp = _spine_frame(rng, body)
+  paint_thorax(cv, body, sp.xv0, sp.yv0, sp.z_top, hu_of['lung'], hu_of['blood'])
+  _paint_back_muscles(cv, rng, body, sp, hu_of)
+  _paint_gut(cv, rng, body, sp, hu_of)
+  _paint_solid_organs(cv, rng, body, sp, hu_of)
+  _paint_great_vessels(cv, rng, sp, hu_of)
+  _paint_vertebrae(cv, rng, body, sp, hu_of)
+  paint_table(cv, rng, body, hu_of['table'])
+  return _form_image(cv, rng, orientation, hu_of)
 
 
 def _save_nifti(data: np.ndarray, affine: np.ndarray, path: pathlib.Path,
@@ -363,8 +362,6 @@ def _renderer(family: str):
   """The function that renders one case of `family`."""
   if family == 'basic':
     return _render_case
-  # Imported here: the clinical family builds on this module.
-  from pixssl_jax.data import phantoms_clinical  # pylint: disable=g-import-not-at-top
   return phantoms_clinical.render_case
 
 

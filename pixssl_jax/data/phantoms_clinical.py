@@ -58,11 +58,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pixssl_jax.data import phantoms
+from pixssl_jax.data.phantom_body import below
+from pixssl_jax.data.phantom_body import Body
+from pixssl_jax.data.phantom_body import diaphragm_dome
+from pixssl_jax.data.phantom_body import paint_body_wall
+from pixssl_jax.data.phantom_body import paint_table
+from pixssl_jax.data.phantom_body import paint_thorax
+from pixssl_jax.data.phantom_geometry import Canvas
 from pixssl_jax.data.phantom_geometry import canvas_for_pose
-from pixssl_jax.data.phantom_geometry import ellipse_xy
-from pixssl_jax.data.phantom_geometry import ellipsoid
-from pixssl_jax.data.phantom_geometry import smooth_max
 from pixssl_jax.data.phantom_geometry import uniform
 from pixssl_jax.data import phantoms_clinical_organs as organs
 
@@ -88,7 +91,6 @@ _STATIC_HU = dict(lung=(-880, -820), fat=(-115, -85), skin=(25, 40), fluid=(5, 2
                   bile=(0, 20), gas=(-980, -920), disc=(80, 100), cancellous=(250, 360),
                   cortex=(700, 950), posterior=(450, 600), csf=(10, 20), table=(100, 200),
                   rib=(300, 600), oral=(150, 400), steatosis=(15, 45))
-_ALL = 5000.  # "Unbounded" half-extent of a window, mm (clipped to the grid).
 
 
 def _sample_tissues(rng, phase: str, steatosis: bool) -> dict[str, float]:
@@ -120,9 +122,9 @@ def _make_canvas(rng, shape_scale: float, body_width: float, orientation: str):
   return canvas_for_pose((nxy, nxy, nz), (dxy, dxy, dz), orientation, yaw, shift, fov_centre)
 
 
-def _body(rng):
+def _body(rng) -> Body:
   """The basic family's body outline with a wider habitus (size, fat)."""
-  body = phantoms._Body(rng)  # pylint: disable=protected-access
+  body = Body(rng)
   body.ax = uniform(rng, 135, 190)
   body.ay = body.ax * uniform(rng, 0.64, 0.82)
   # Fat thick enough to matter, thin enough to leave the kidneys room inside the cavity.
@@ -139,8 +141,56 @@ def _reconstruct(volume: np.ndarray, psf: float, sharpen: float, z_sigma: float)
   return out
 
 
+def _paint_ribs(cv: Canvas, rng, body: Body, z_top: float, rib_hu: float) -> None:
+  """Ribs inside the muscle layer of the upper abdomen (bone that is not vertebra)."""
+  bx0, by0 = body.half_extent
+  rib_gap, rib_r = uniform(rng, 24, 30), uniform(rng, 4, 6)
+  muscle_mid = lambda x, y, z: body.sdf('muscle')(x, y, z) + 0.5 * body.muscle
+  for k in range(7):
+    zk0 = z_top + 20 - k * rib_gap
+    drop = uniform(rng, 60, 100)  # Ribs run down anteriorly: short arcs in an axial slice.
+    front = 0.8 - 0.15 * k  # Lower ribs stop further back (floating ribs).
+
+    def rib(x, y, z, zk0=zk0, drop=drop, front=front):
+      th_s = y / np.maximum(np.hypot(x, y), 1e-3)  # sin of the polar angle.
+      d = np.hypot(muscle_mid(x, y, z), z - (zk0 - drop * (1 + th_s) / 2)) - rib_r
+      return np.maximum(np.maximum(d, th_s - front), 25 - np.abs(x))
+
+    cv.paint((-bx0, -by0, zk0 - drop - 15), (bx0, by0, zk0 + 15), rib, rib_hu, 0)
+
+
+def _form_image(cv: Canvas, rng, body: Body, sharp: bool):
+  """White noise through the reconstruction kernel, scaled so that its std after the kernel is
+  `sigma`; larger patients are noisier.
+
+  Returns:
+    hu: the reconstructed [X, Y, Z] float32 HU; the kernel's meta entries.
+  """
+  if sharp:
+    psf, sharpen, sigma = uniform(rng, 0.3, 0.5), uniform(rng, 0.3, 0.7), uniform(rng, 18, 35)
+  else:
+    psf, sharpen, sigma = uniform(rng, 0.8, 1.3), 0., uniform(rng, 6, 14)
+  sigma *= float(np.clip((body.ax / 160)**1.5, 0.8, 1.3))
+  z_sigma = uniform(rng, 0.2, 0.5)
+  impulse = np.zeros((21, 21, 9), np.float32)
+  impulse[10, 10, 4] = 1.
+  gain = np.sqrt((_reconstruct(impulse, psf, sharpen, z_sigma)**2).sum())
+  cv.hu += (sigma / gain) * rng.standard_normal(cv.hu.shape, dtype=np.float32)
+  return _reconstruct(cv.hu, psf, sharpen, z_sigma), sigma
+
+
+def _lesions_in_world(cv: Canvas, lesions: list[dict]) -> list[dict]:
+  """The lesions with their anatomy-frame centres replaced by scanner (world) coordinates."""
+  c, s = np.cos(cv.yaw), np.sin(cv.yaw)
+  to_world = lambda p: (np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ p + cv.shift)
+  for lesion in lesions:
+    lesion['centre_world'] = [round(float(v), 2) for v in to_world(lesion.pop('centre'))]
+  return lesions
+
+
 def render_case(rng, shape_scale: float, orientation: str, phase: str | None = None):
-  """Builds one clinical phantom.
+  """Builds one clinical phantom, painting structures in the order that later ones cover
+  earlier ones.
 
   Args:
     rng: the case's generator.
@@ -161,48 +211,21 @@ def render_case(rng, shape_scale: float, orientation: str, phase: str | None = N
   hu_of = _sample_tissues(rng, phase, steatosis)
   body = _body(rng)
   cv = _make_canvas(rng, shape_scale, 2 * body.ax, orientation)
-  bx0, by0 = body.ax * 1.2, body.ay * 1.2
-  inside = lambda f, layer, gap=2.: (lambda x, y, z: np.maximum(f(x, y, z),
-                                                                  body.sdf(layer)(x, y, z) + gap))
+  _, by0 = body.half_extent
 
-  # 1. Body wall, then ribs inside the muscle layer of the upper abdomen (bone that is not
-  #    vertebra).
-  for layer, tissue in (('skin', 'skin'), ('fat', 'fat'), ('muscle', 'muscle'),
-                        ('cavity', 'fat')):
-    cv.paint((-bx0, -by0, -_ALL), (bx0, by0, _ALL), body.sdf(layer), hu_of[tissue], 0)
+  # 1. Body wall and ribs. 2. Spine frame (as the basic family), lungs, heart, back muscles.
+  paint_body_wall(cv, body, hu_of)
   z_top = uniform(rng, 95, 125)  # Right hemidiaphragm dome; the left is ~16 mm lower.
-  rib_gap, rib_r = uniform(rng, 24, 30), uniform(rng, 4, 6)
-  muscle_mid = lambda x, y, z: body.sdf('muscle')(x, y, z) + 0.5 * body.muscle
-  for k in range(7):
-    zk0 = z_top + 20 - k * rib_gap
-    drop = uniform(rng, 60, 100)  # Ribs run down anteriorly: short arcs in an axial slice.
-    front = 0.8 - 0.15 * k  # Lower ribs stop further back (floating ribs).
-
-    def rib(x, y, z, zk0=zk0, drop=drop, front=front):
-      th_s = y / np.maximum(np.hypot(x, y), 1e-3)  # sin of the polar angle.
-      d = np.hypot(muscle_mid(x, y, z), z - (zk0 - drop * (1 + th_s) / 2)) - rib_r
-      return np.maximum(np.maximum(d, th_s - front), 25 - np.abs(x))
-
-    cv.paint((-bx0, -by0, zk0 - drop - 15), (bx0, by0, zk0 + 15), rib, hu_of['rib'], 0)
-
-  # 2. Spine frame (as the basic family), lungs, heart.
+  _paint_ribs(cv, rng, body, z_top, hu_of['rib'])
   xv0, yv0 = uniform(rng, -4, 4), -0.92 * body.ay + 0.5 * body.fat + uniform(rng, 70, 82)
   spine = organs.Spine(rng, xv0, yv0)
-  dome = lambda x, y: (z_top - 8 + 8 * np.tanh(x / 30) - 0.003 * (np.abs(x) - 60)**2
-                       - 0.002 * (y + 10)**2)
-  below_dome = lambda f, gap=3.: lambda x, y, z: np.maximum(f(x, y, z), z - dome(x, y) + gap)
-  med = lambda x, y, z: ellipse_xy(x - xv0 + 5, y - (yv0 + body.ay) / 2, 45, 70 + 0 * z)
-  lung = lambda x, y, z: smooth_max(np.maximum(body.sdf('cavity')(x, y, z) + 2, dome(x, y) - z),
-                                    -med(x, y, z), 5)
-  cv.paint((-bx0, -by0, z_top - 80), (bx0, by0, _ALL), lung, hu_of['lung'], 0)
-  heart = ellipsoid((xv0 - 15, (yv0 + 0.8 * body.ay) / 2, z_top + 45), (55, 50, 55))
-  cv.paint((-80, -by0, z_top - 40), (80, by0, z_top + 110),
-           lambda x, y, z: np.maximum(heart(x, y, z), dome(x, y) - z + 2), hu_of['heart'], 0)
-  spine.paint_muscles(cv, rng, inside, hu_of['muscle'], by0)
+  below_dome = below(diaphragm_dome(z_top))
+  paint_thorax(cv, body, xv0, yv0, z_top, hu_of['lung'], hu_of['heart'])
+  spine.paint_muscles(cv, rng, body.inside, hu_of['muscle'], by0)
 
   # 3. Gut (unlabelled): stomach, colon, small-bowel loops up to the kidneys' level; with
   #    oral contrast most lumens are bright.
-  organs.paint_gut(cv, rng, body, inside, below_dome, hu_of, oral)
+  organs.paint_gut(cv, rng, body, body.inside, below_dome, hu_of, oral)
 
   # 4. Pancreas with the splenic and portal veins, in front of the left kidney and aorta.
   geo = organs.sample_organ_geometry(rng, body, xv0, yv0, spine)
@@ -210,37 +233,19 @@ def render_case(rng, shape_scale: float, orientation: str, phase: str | None = N
 
   # 5. Solid organs with textures, vessels and lesions (labelled as the organ); the
   #    gallbladder in the liver's fossa (unlabelled).
-  lesions = organs.paint_solid_organs(cv, rng, geo, spine, inside, below_dome, hu_of, phase)
+  lesions = organs.paint_solid_organs(cv, rng, geo, spine, body.inside, below_dome, hu_of,
+                                      phase)
 
-  # 6. Great vessels, vertebrae, table.
+  # 6. Great vessels, vertebrae, table. 7. Image formation.
   spine.paint_vessels(cv, rng, hu_of)
-  spine.paint_vertebrae(cv, rng, inside, hu_of)
-  y_table = -0.92 * body.ay - uniform(rng, 5, 40)
-  table = lambda x, y, z: np.maximum(np.abs(y - y_table + 6 - x * x / 1200) - 6,
-                                     np.abs(x) - 230 + 0 * z)
-  cv.paint((-240, y_table - 20, -_ALL), (240, y_table + 60, _ALL), table, hu_of['table'], 0)
-
-  # 7. Image formation: white noise through the kernel, scaled so that its std after the kernel
-  #    is `sigma`; larger patients are noisier.
-  if sharp:
-    psf, sharpen, sigma = uniform(rng, 0.3, 0.5), uniform(rng, 0.3, 0.7), uniform(rng, 18, 35)
-  else:
-    psf, sharpen, sigma = uniform(rng, 0.8, 1.3), 0., uniform(rng, 6, 14)
-  sigma *= float(np.clip((body.ax / 160)**1.5, 0.8, 1.3))
-  z_sigma = uniform(rng, 0.2, 0.5)
-  impulse = np.zeros((21, 21, 9), np.float32)
-  impulse[10, 10, 4] = 1.
-  gain = np.sqrt((_reconstruct(impulse, psf, sharpen, z_sigma)**2).sum())
-  cv.hu += (sigma / gain) * rng.standard_normal(cv.hu.shape, dtype=np.float32)
-  hu = _reconstruct(cv.hu, psf, sharpen, z_sigma)
-  c, s = np.cos(cv.yaw), np.sin(cv.yaw)
-  to_world = lambda p: (np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ p + cv.shift)
-  for lesion in lesions:
-    lesion['centre_world'] = [round(float(v), 2) for v in to_world(lesion.pop('centre'))]
+  spine.paint_vertebrae(cv, rng, body.inside, hu_of)
+  paint_table(cv, rng, body, hu_of['table'])
+  hu, sigma = _form_image(cv, rng, body, sharp)
   meta = dict(family='clinical', orientation=orientation, shape=list(cv.hu.shape),
               spacing=[round(float(v), 4) for v in np.abs(np.diag(cv.affine)[:3])],
               phase=phase, kernel='sharp' if sharp else 'soft', oral_contrast=oral,
               steatosis=steatosis, gallbladder=geo.gallbladder is not None,
               yaw_deg=round(float(np.rad2deg(cv.yaw)), 2),
-              noise_sigma_hu=round(sigma, 2), tissues_hu=hu_of, lesions=lesions)
+              noise_sigma_hu=round(sigma, 2), tissues_hu=hu_of,
+              lesions=_lesions_in_world(cv, lesions))
   return hu, cv.label, cv.affine, meta
