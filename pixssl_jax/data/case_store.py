@@ -1,13 +1,13 @@
 """`CaseStore`: the one reader of prepared stores, backed by a memory-mapped `.npy` cache.
 
-Random crops straight from the TFDS ArrayRecord store decode the whole volume per crop
-(36-40 ms per 64^3 crop from a 160^3 volume); from a memory-mapped `.npy` they take under
-1 ms. So on first use the store's records are read once and every case is written as
-`{case_id}.image.npy` (int16 HU) and `{case_id}.label.npy` (uint8) into a cache folder:
-`DATA_DIR/npy_cache` for local stores, `$PIXSSL_CACHE` or `~/.cache/pixssl_jax` plus
-`npy_cache/<hash>` for remote (`gs://`) stores. Files are written under a per-process temporary
-name and renamed (atomic), and `cache.json` is written last, so several processes may build the
-cache at once and none ever sees a half-written file.
+Random crops straight from the TFDS ArrayRecord store decode the whole volume per crop; from a
+memory-mapped `.npy` they cost a small fraction of that (`benchmarks/input_pipeline.py`
+measures both; docs/BENCHMARKS.md). So on first use the store's records are read once and
+every case is written as `{case_id}.image.npy` (int16 HU) and `{case_id}.label.npy` (uint8)
+into a cache folder: `DATA_DIR/npy_cache` for local stores, `$PIXSSL_CACHE` or
+`~/.cache/pixssl_jax` plus `npy_cache/<hash>` for remote (`gs://`) stores. Files are written
+under a per-process temporary name and renamed (atomic), and `cache.json` is written last, so
+several processes may build the cache at once and none ever sees a half-written file.
 """
 import hashlib
 import json
