@@ -17,6 +17,7 @@ from pixssl_jax.data import case_store
 from pixssl_jax.data import nifti_io
 from pixssl_jax.data import prepare
 from pixssl_jax.data import splits as splits_lib
+from pixssl_jax.data import store_folder
 from pixssl_jax.data.nifti_io import CaseError
 
 WIDE_WINDOW = (-2000.0, 2000.0)
@@ -459,8 +460,8 @@ def test_temp_folder_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
   left = [n for n in os.listdir(tmp_path) if n.startswith('.store.tmp-')]
   assert len(left) == 1
   # Not to be touched: a run in progress (this process), another host's run, other names.
-  other_host = 'ffffffff' if prepare._HOST_TAG != 'ffffffff' else '00000000'
-  keep = [f'.store.tmp-{prepare._HOST_TAG}-{os.getpid()}-0123abcd',
+  other_host = 'ffffffff' if store_folder.HOST_TAG != 'ffffffff' else '00000000'
+  keep = [f'.store.tmp-{store_folder.HOST_TAG}-{os.getpid()}-0123abcd',
           f'.store.tmp-{other_host}-{child.pid}-0123abcd',
           f'.other.tmp-{child.pid}-0123abcd', '.store.tmp-notes']
   for name in keep:
