@@ -86,6 +86,63 @@ def _check_args(volume: np.ndarray, patch_size: Sequence[int], overlap: Sequence
                      f'{output_stride}')
 
 
+def _pad(volume: np.ndarray, patch: tuple[int, ...], stride: int,
+         pad_value: float | None) -> np.ndarray:
+  """Pads at the end of each axis to at least one window and a whole number of output cells."""
+  spatial = volume.shape[:-1]
+  padded = tuple(max(p, stride * -(-s // stride)) for p, s in zip(patch, spatial))
+  if padded == spatial:
+    return volume
+  fill = float(volume.min()) if pad_value is None else float(pad_value)
+  return np.pad(volume, [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)],
+                constant_values=fill)
+
+
+class _Accumulator:
+  """The weighted sum of window outputs and of their weights, on the padded output grid."""
+
+  def __init__(self, out_padded, out_patch, gaussian: bool, batch_size: int, patch, stride):
+    self.out_padded, self.out_patch = out_padded, out_patch
+    self.expected = (batch_size, *out_patch)
+    self.patch, self.stride = patch, stride
+    self.weight = importance_map(out_patch, gaussian)[..., None]
+    self.accum = None  # Allocated at the first batch, when the number of channels is known.
+    self.weight_sum = np.zeros(out_padded + (1,), np.float32)
+
+  def add(self, outputs, batch_corners) -> None:
+    outputs = np.asarray(outputs, np.float32)
+    if outputs.shape[:-1] != self.expected:
+      raise ValueError(f'apply_fn returned shape {outputs.shape}; expected {self.expected} + '
+                       f'(K,) for windows {self.patch} at output_stride {self.stride}')
+    if self.accum is None:
+      self.accum = np.zeros(self.out_padded + (outputs.shape[-1],), np.float32)
+    for out, corner in zip(outputs, batch_corners):
+      where = tuple(slice(c, c + p) for c, p in zip(corner, self.out_patch))
+      self.accum[where] += out * self.weight
+      self.weight_sum[where] += self.weight
+
+  def average(self) -> np.ndarray:
+    return self.accum / self.weight_sum
+
+
+def _run_batches(apply_fn, volume: np.ndarray, corners, patch, stride: int, batch_size: int,
+                 acc: _Accumulator) -> None:
+  """Feeds the windows to `apply_fn` in batches; the last batch is padded with its last window
+  (outputs dropped). Each batch is dispatched before the previous one is read back, so host
+  work overlaps device work."""
+  pending = None
+  for first in range(0, len(corners), batch_size):
+    batch_corners = corners[first:first + batch_size]
+    windows = [volume[tuple(slice(stride * c, stride * c + p) for c, p in zip(corner, patch))]
+               for corner in batch_corners]
+    windows += [windows[-1]] * (batch_size - len(windows))
+    outputs = apply_fn(jax.numpy.asarray(np.stack(windows).astype(np.float32, copy=False)))
+    if pending is not None:
+      acc.add(*pending)
+    pending = (outputs, batch_corners)
+  acc.add(*pending)
+
+
 def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume: np.ndarray, *,
                              patch_size: Sequence[int], overlap: float | Sequence[float] = 0.5,
                              batch_size: int = 4, gaussian: bool = True,
@@ -118,53 +175,16 @@ def sliding_window_inference(apply_fn: Callable[[jax.Array], jax.Array], volume:
   _check_args(volume, patch_size, overlap, batch_size, output_stride)
   patch = tuple(int(p) for p in patch_size)
   stride = int(output_stride)
-  spatial = volume.shape[:-1]
-  out_spatial = tuple(-(-s // stride) for s in spatial)
-
+  out_spatial = tuple(-(-s // stride) for s in volume.shape[:-1])
   # 1. Pad to at least one window and to a whole number of output cells.
-  padded = tuple(max(p, stride * o) for p, o in zip(patch, out_spatial))
-  if padded != spatial:
-    fill = float(volume.min()) if pad_value is None else float(pad_value)
-    volume = np.pad(volume, [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)],
-                    constant_values=fill)
-
+  volume = _pad(volume, patch, stride, pad_value)
   # 2. Window starts on the output grid, so input and output windows stay aligned.
   out_patch = tuple(p // stride for p in patch)
-  out_padded = tuple(p // stride for p in padded)
+  out_padded = tuple(p // stride for p in volume.shape[:-1])
   starts = [window_starts(s, p, o) for s, p, o in zip(out_padded, out_patch, overlap)]
   corners = [tuple(c) for c in np.stack(np.meshgrid(*starts, indexing='ij'), -1).reshape(
       -1, len(patch))]
-  weight = importance_map(out_patch, gaussian)[..., None]
-
-  accum = None
-  weight_sum = np.zeros(out_padded + (1,), np.float32)
-
-  def add(outputs, batch_corners):
-    nonlocal accum
-    outputs = np.asarray(outputs, np.float32)
-    expected = (batch_size, *out_patch)
-    if outputs.shape[:-1] != expected:
-      raise ValueError(f'apply_fn returned shape {outputs.shape}; expected {expected} + (K,) '
-                       f'for windows {patch} at output_stride {stride}')
-    if accum is None:
-      accum = np.zeros(out_padded + (outputs.shape[-1],), np.float32)
-    for out, corner in zip(outputs, batch_corners):
-      where = tuple(slice(c, c + p) for c, p in zip(corner, out_patch))
-      accum[where] += out * weight
-      weight_sum[where] += weight
-
-  # 3. Batches of windows; the last batch is padded with its last window (outputs dropped).
-  pending = None
-  for first in range(0, len(corners), batch_size):
-    batch_corners = corners[first:first + batch_size]
-    windows = [volume[tuple(slice(stride * c, stride * c + p) for c, p in zip(corner, patch))]
-               for corner in batch_corners]
-    windows += [windows[-1]] * (batch_size - len(windows))
-    outputs = apply_fn(jax.numpy.asarray(np.stack(windows).astype(np.float32, copy=False)))
-    if pending is not None:  # Read the previous batch back while this one runs.
-      add(*pending)
-    pending = (outputs, batch_corners)
-  add(*pending)
-
-  result = accum / weight_sum
-  return result[tuple(slice(0, o) for o in out_spatial)]
+  # 3. Batches of windows, accumulated with their importance weights.
+  acc = _Accumulator(out_padded, out_patch, gaussian, batch_size, patch, stride)
+  _run_batches(apply_fn, volume, corners, patch, stride, batch_size, acc)
+  return acc.average()[tuple(slice(0, o) for o in out_spatial)]
