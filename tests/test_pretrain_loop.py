@@ -26,8 +26,11 @@ def test_loss_falls_over_30_steps(tmp_path):
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert lines[-1].startswith('step 30/30')
   last = read_metrics(tmp_path)[30]
-  assert (f"var {last['train/loss_variance']:.4f}, cov {last['train/loss_covariance']:.4f})"
-          in lines[-1]), lines[-1]
+  # The progress line shows the enabled terms' losses, in summation order.
+  parts = ', '.join(f"{name} {last[f'train/loss_{name}']:.4f}"
+                    for name in ('variance', 'covariance', 'global', 'pixel'))
+  assert f"loss {last['train/loss']:.4f} ({parts})" in lines[-1], lines[-1]
+  assert 'restoration' not in lines[-1] and 'calibration' not in lines[-1]
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, monkeypatch):

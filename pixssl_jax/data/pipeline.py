@@ -218,7 +218,8 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
                     case_ids: Optional[Sequence[str]] = None,
                     label_slices: int = 0,
                     intensity_cfg: Optional[ml_collections.ConfigDict] = None,
-                    scale_range: Optional[Sequence[float]] = None) -> grain.DataLoader:
+                    scale_range: Optional[Sequence[float]] = None,
+                    first_batch: int = 0) -> grain.DataLoader:
   """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
 
   Args:
@@ -237,6 +238,7 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
       (`LabelledCrop`); needs 2-D crops. 0: whole volumes.
     intensity_cfg: a `data.intensity` block augmenting the crops' intensities; None: off.
     scale_range: (low, high) crop resize (`LabelledCrop`); None: no resize.
+    first_batch: start at this global batch of the stream (resuming without iterator state).
 
   Returns:
     A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
@@ -248,7 +250,7 @@ def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: s
   return _make_loader(store, split, transform, data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
                       shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,
-                      case_ids=case_ids)
+                      first_batch=first_batch, case_ids=case_ids)
 
 
 def volume_iterator(store: Any, split: str, *, shard_index: int = 0, shard_count: int = 1,

@@ -36,8 +36,6 @@ from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
 from pixssl_jax.train import optimizers
-from pixssl_jax.train import preemption
-from pixssl_jax.train import save_errors
 
 # label_fraction -> the seeded split `prepare` wrote (docs/data.md); others are drawn from
 # train_100 with the run's seed.
@@ -304,7 +302,7 @@ def validation_scores(scorer: inference.VolumeScorer, params, store: case_store.
   return rows, metrics_lib.summarize(rows)
 
 
-def _loader(store, config, train_ids):
+def _loader(store, config, train_ids, first_batch=0):
   # Every label fraction is a subset of train_100; the source's repr digests the exact ids.
   return iter(pipeline.finetune_loader(
       store, config.data, split='train_100', case_ids=train_ids,
@@ -312,7 +310,8 @@ def _loader(store, config, train_ids):
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       foreground_prob=config.data.foreground_prob, flip=config.data.flip,
       worker_count=config.data.worker_count, label_slices=config.label_slices,
-      intensity_cfg=config.data.intensity, scale_range=config.data.scale_range))
+      intensity_cfg=config.data.intensity, scale_range=config.data.scale_range,
+      first_batch=first_batch))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -352,8 +351,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state, start_step, data_restored = restored
     if not data_restored:
-      data_iter = _loader(store, config, train_ids)  # Other process count: a fresh stream.
-    print_fn(f'Resumed from step {start_step} in {workdir}')
+      # Another process count wrote the checkpoint: its iterator state does not apply, but the
+      # global stream is the same for any process count, so it starts at this step's batch.
+      data_iter = _loader(store, config, train_ids, first_batch=start_step)
+    print_fn(f'Resumed from step {start_step} in {workdir}'
+             + ('' if data_restored else ' (on another process count: data stream '
+                                         'repositioned to this step)'))
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=BEST_METRIC)
   if is_chief:
@@ -369,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   moved_fn = jax.jit(finetune_recipe.relative_distance)
 
-  def validate_and_save(step):
+  def validate_and_save(step, state):
     _, summary = validation_scores(scorer, state.params, store, 'val',
                                    config.eval.val_max_cases)
     scores = metrics_lib.mean_scores(summary)
@@ -378,30 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointing.save(manager, step, state, data_iter, force=True,
                        metrics={BEST_METRIC: scores['dice'], 'backbone_moved': moved})
 
-  stop_requested = preemption.StopRequest(manager)
-  pending = None
-  try:
-    for step in range(start_step, config.num_steps):
-      if step > start_step and stop_requested(step):
-        loop.finish_step(pending, writer, config, _HINT)
-        checkpointing.save(manager, step, state, data_iter, force=True)  # No val metrics.
-        save_errors.wait(manager)
-        print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
-        return state
-      if step > start_step and step % config.eval_every == 0:
-        pending = loop.finish_step(pending, writer, config, _HINT)
-        validate_and_save(step)
-      batch = mesh_lib.global_batch(next(data_iter), mesh)
-      pending = loop.finish_step(pending, writer, config, _HINT)
-      state, metrics = jitted_step(state, batch)
-      pending = (step, metrics)
-    loop.finish_step(pending, writer, config, _HINT)
-    if start_step < config.num_steps:
-      validate_and_save(config.num_steps)
-  finally:
-    try:
-      save_errors.wait(manager)
-    finally:
-      stop_requested.close()
-      writer.close()
-  return state
+  return loop.run(state, start_step, config=config, jitted_step=jitted_step,
+                  data_iter=data_iter, mesh=mesh, manager=manager, writer=writer,
+                  save_every=config.eval_every, save=validate_and_save, print_fn=print_fn,
+                  hint=_HINT)

@@ -28,8 +28,6 @@ from pixssl_jax.train import loop
 from pixssl_jax.train import mesh as mesh_lib
 from pixssl_jax.train import metrics_writer
 from pixssl_jax.train import optimizers
-from pixssl_jax.train import preemption
-from pixssl_jax.train import save_errors
 
 # ---- Train state ----
 
@@ -303,33 +301,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, print_fn=print) -> Tr
   writer = metrics_writer.MetricsWriter(workdir, num_steps=config.num_steps,
                                         voxels_per_step=voxels_per_step, enabled=is_chief,
                                         print_fn=print_fn, loss_parts=_loss_parts(config))
-  stop_requested = preemption.StopRequest(manager)
-  pending = None  # (step, metrics) of the step in flight.
 
-  try:
-    for step in range(start_step, config.num_steps):
-      stop = step > start_step and stop_requested(step)
-      if stop or (step > start_step and step % config.checkpoint_every == 0):
-        pending = loop.finish_step(pending, writer, config)
-        checkpointing.save(manager, step, state, data_iter, force=True)
-        if stop:
-          save_errors.wait(manager)
-          print_fn(f'Stop requested ({stop_requested.reason}): saved step {step}, exiting.')
-          return state
-      batch = mesh_lib.global_batch(next(data_iter), mesh)  # Overlaps the step in flight.
-      pending = loop.finish_step(pending, writer, config)
-      if config.image_every and step % config.image_every == 0:
-        # Every process runs it (the batch spans them all); process 0 writes.
-        writer.write_images(step, _axial_slices(make_maps(state, batch)))
-      state, metrics = jitted_step(state, batch)
-      pending = (step, metrics)
-    loop.finish_step(pending, writer, config)
-    if start_step < config.num_steps:  # The loop's last save was before the final steps.
-      checkpointing.save(manager, config.num_steps, state, data_iter, force=True)
-  finally:
-    try:
-      save_errors.wait(manager)
-    finally:
-      stop_requested.close()
-      writer.close()
-  return state
+  def log_images(step, state, batch):
+    if config.image_every and step % config.image_every == 0:
+      # Every process runs it (the batch spans them all); process 0 writes.
+      writer.write_images(step, _axial_slices(make_maps(state, batch)))
+
+  def save(step, state):
+    checkpointing.save(manager, step, state, data_iter, force=True)
+
+  return loop.run(state, start_step, config=config, jitted_step=jitted_step,
+                  data_iter=data_iter, mesh=mesh, manager=manager, writer=writer,
+                  save_every=config.checkpoint_every, save=save, print_fn=print_fn,
+                  before_step=log_images)
