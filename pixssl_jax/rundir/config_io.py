@@ -15,25 +15,13 @@ from etils import epath
 
 from pixssl_jax.data import default_dataset
 from pixssl_jax.data import splits as splits_lib
+from pixssl_jax.rundir import config_upgrade
 
 CONFIG_FILE = 'config.json'
 
 
 class ConfigError(ValueError):
   """The config or the workdir cannot run; the message lists every problem found."""
-
-
-MISSING = object()  # What `field_at` returns for a field the config does not have.
-
-
-def field_at(config: ml_collections.ConfigDict, path: str) -> Any:
-  """The value of the dotted field `path` ('optim.learning_rate'), or MISSING."""
-  node = config
-  for name in path.split('.'):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
-      return MISSING
-    node = node[name]
-  return node
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -62,7 +50,6 @@ def read_config(workdir, *, modes: Sequence[str] | None = None,
   Raises:
     ConfigError: no such workdir or `config.json`, invalid JSON, or another mode.
   """
-  from pixssl_jax.rundir import config_upgrade  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / CONFIG_FILE
   if not epath.Path(workdir).exists():
     raise ConfigError(f'{what} {workdir}: no such run directory')

@@ -10,7 +10,7 @@ import ml_collections
 
 from pixssl_jax import config_files
 from pixssl_jax.data import default_dataset
-from pixssl_jax.rundir import config_io
+from pixssl_jax.rundir import config_fields
 
 _PRETRAIN, _FINETUNE = 'pretrain', 'finetune'
 
@@ -74,7 +74,7 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if kind not in files:
       continue
     parent, _, leaf = path.rpartition('.')
-    node = config_io.field_at(config, parent) if parent else config
-    if node is not config_io.MISSING and leaf not in node:
+    node = config_fields.field_at(config, parent) if parent else config
+    if node is not config_fields.MISSING and leaf not in node:
       node[leaf] = value() if callable(value) else value
   return config

@@ -24,10 +24,11 @@ from pixssl_jax.objective import restoration_term
 from pixssl_jax.models import layers
 from pixssl_jax.models import pixssl
 from pixssl_jax.rundir import config_io
-from pixssl_jax.rundir.config_io import MISSING  # pylint: disable=unused-import
+from pixssl_jax.rundir.config_fields import MISSING
+from pixssl_jax.rundir.config_fields import field_at
 from pixssl_jax.rundir.config_io import ConfigError
-from pixssl_jax.rundir.config_io import field_at
 from pixssl_jax.train import finetune_recipe
+from pixssl_jax.train import load_pretrained
 
 
 OPTIMIZERS = ('adamw', 'lars')
@@ -290,8 +291,6 @@ def validate_pretrain(config: ml_collections.ConfigDict, workdir: str, *, device
 def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count: int,
                              process_count: int) -> list[str]:
   """One message per inconsistency in a fine-tuning config (empty if none)."""
-  # Imported here: load_pretrained raises ConfigError, so a top-level import would be circular.
-  from pixssl_jax.train import load_pretrained  # pylint: disable=g-import-not-at-top
   problems = data_and_batch_problems(config, device_count=device_count,
                                      process_count=process_count)
   model = config.model

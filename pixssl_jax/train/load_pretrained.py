@@ -20,7 +20,6 @@ from flax import traverse_util
 
 from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir import networks
-from pixssl_jax.train import config_checks
 
 # Which U-Net modules each `init` part loads: encoder levels are enc<l>; the decoder is the
 # transposed convolutions up<l> and the blocks dec<l>.
@@ -73,7 +72,7 @@ def merge_backbone(target: Mapping, source: Mapping, *, part: str,
     ConfigError: listing every missing, unexpected and mis-shaped parameter by name.
   """
   if part not in PARTS:
-    raise config_checks.ConfigError(
+    raise config_io.ConfigError(
         f'config.load={part!r}: choose one of {sorted(PARTS)}')
   pattern = PARTS[part]
   want = {k: v for k, v in _flat(target).items() if pattern.match(k) and not _skipped(k, skip)}
@@ -86,7 +85,7 @@ def merge_backbone(target: Mapping, source: Mapping, *, part: str,
                f'{tuple(np.shape(want[k]))}' for k in sorted(set(want) & set(have))
                if np.shape(want[k]) != np.shape(have[k])]
   if problems:
-    raise config_checks.ConfigError(
+    raise config_io.ConfigError(
         f'cannot load the pre-trained {part} strictly ({len(problems)} problem(s)):\n  '
         + '\n  '.join(problems)
         + '\nMatch config.model to the pre-training run, or list what to leave at random '
