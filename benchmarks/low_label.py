@@ -135,6 +135,21 @@ ARMS.update({
     # The student also restores nothing but sees 40% of its cells hidden (the teacher sees all).
     'full_masked': Arm({'data.mask_ratio': 0.4}),
 })
+# The fine-tuning recipe, the same for every arm: each recipe below makes a `<arm>_<recipe>`
+# arm of scratch, full and restoration, compared with `scratch_<recipe>` (`--baseline`).
+# aug: nnU-Net-like intensity and scale augmentation of the labelled crops (no mirroring);
+# lpft: a linear probe of 200 steps, then everything (LP-FT); l2sp: a pull towards the start
+# weights (L2-SP); decay: the learning rate 0.7x per block away from the head.
+RECIPES = {
+    'aug': {'data.intensity.enabled': True, 'data.scale_range': (0.8, 1.25)},
+    'lpft': {'optim.linear_probe_steps': 200},
+    'l2sp': {'optim.l2_sp': 0.01},
+    'decay': {'optim.layer_decay': 0.7},
+}
+for _recipe, _fields in RECIPES.items():
+  for _arm in ('scratch', 'full', 'restoration'):
+    ARMS[f'{_arm}_{_recipe}'] = Arm(ARMS[_arm].pretrain, finetune=_fields,
+                                    pretrained_as=None if _arm == 'scratch' else _arm)
 BASELINE = 'scratch'
 # Every pre-trained arm is also paired with it: an ablation's loss against the full method.
 REFERENCE = 'full'
@@ -427,7 +442,7 @@ def aggregate(bench: Benchmark, results: list[dict], seconds: float) -> dict:
   """results.json's content: header, settings, summaries, paired comparisons, probes, runs."""
   a = bench.args
   budgets = [b['name'] for b in sorted(a.budgets, key=lambda b: b['order'])]
-  tables = stats.group_results(results, a.arms, budgets, BASELINE, REFERENCE,
+  tables = stats.group_results(results, a.arms, budgets, a.baseline, REFERENCE,
                                num_resamples=a.bootstrap_resamples)
   header = {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
@@ -468,6 +483,9 @@ def parse_args(argv=None):
   parser.add_argument('--keep_checkpoints', action='store_true',
                       help='keep fine-tuned weights (deleted once scored by default)')
   parser.add_argument('--out', default=None, help='default runs/low_label[_3d][_quick]')
+  parser.add_argument('--baseline', default=BASELINE,
+                      help='the arm every other is paired with (scratch under the same recipe, '
+                      'e.g. scratch_aug)')
   parser.add_argument('--pretrain_dir', default=None,
                       help='folder of the pre-trainings (default OUT/pretrain): benchmarks of '
                       'other fine-tuning lengths or recipes on the same store share them')
@@ -488,6 +506,8 @@ def parse_args(argv=None):
   unknown = sorted(set(args.arms + args.probe_arms) - set(ARMS))
   if unknown:
     parser.error(f'unknown arms {unknown}; choose from {list(ARMS)}')
+  if args.baseline not in args.arms:
+    parser.error(f'--baseline {args.baseline} is not among --arms {args.arms}')
   try:
     args.budgets = [stats.parse_budget(t) for t in split(args.budgets)]
     args.probe_budget = stats.parse_budget(args.probe_budget)
