@@ -330,3 +330,34 @@ def test_quick_run_end_to_end_in_2d(tiny_store, tmp_path):
   assert not (out / 'pretrain' / 'global_only_p0').exists()
   report = json.loads((out / 'results.json').read_text())
   assert [r['arm'] for r in report['summary']] == ['scratch', 'full']
+
+
+def _length_record(arm, steps, fseed, dice, val, pseed=None):
+  cases = {c: {'dice': dice + 0.01 * i, 'hd95': 1.0} for i, c in enumerate('abc')}
+  return {'kind': 'finetune', 'arm': arm, 'budget': '1', 'pretrain_seed': pseed,
+          'finetune_seed': fseed, 'finetune_steps': steps, 'dice': dice + 0.01,
+          'val_dice': val, 'cases': cases}
+
+
+def test_fine_tuning_lengths_pick_by_validation_and_pair_at_each_length():
+  from benchmarks import low_label_lengths as lengths
+  runs = []
+  for f in (0, 1):
+    # Scratch: better at 1000 steps on test, but validation picks 250 (test never chooses).
+    runs += [_length_record('scratch', 250, f, 0.50, 0.60),
+             _length_record('scratch', 1000, f, 0.70, 0.55)]
+    # Pre-trained: ahead at 250 steps, level at 1000; validation picks 1000.
+    runs += [_length_record('full', 250, f, 0.65, 0.50, 0),
+             _length_record('full', 1000, f, 0.70, 0.62, 0)]
+  result = lengths.compare(runs, 'scratch', '1', num_resamples=200)
+  by = {(r['arm'], r['steps']): r for r in result['lengths']}
+  assert by[('full', 250)]['vs_baseline']['mean'] == pytest.approx(0.15)
+  assert by[('full', 1000)]['vs_baseline']['mean'] == pytest.approx(0.0, abs=1e-12)
+  assert result['baseline_steps'] == 250
+  picked = {r['arm']: r for r in result['picked']}
+  assert picked['scratch']['steps'] == 250 and picked['full']['steps'] == 1000
+  # Full at its 1000 steps against scratch at its own picked 250.
+  assert picked['full']['vs_baseline']['mean'] == pytest.approx(0.20)
+  assert picked['full']['steps_to_baseline_best'] == 1000  # Scratch's best test Dice: 0.71.
+  text = lengths.markdown(result)
+  assert '| full | 250 | 50.00 | 66.00 | +15.00' in text
