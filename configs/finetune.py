@@ -20,21 +20,28 @@ The data fields mean what they mean in configs/pretrain.py; `data` must name the
 (or phantom settings) as pre-training, since the seeded splits come from it.
 """
 
+import importlib.util
+import pathlib
+import types
+
 import ml_collections
 from ml_collections import config_dict
 
 
+def _load_sibling(name: str) -> types.ModuleType:
+  """configs/{name}.py, loaded from this file's folder (config files are loaded by path)."""
+  path = pathlib.Path(__file__).with_name(f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'pixssl_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _load_sibling('common')
+
+
 def _data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
-  data.data_dir = config_dict.placeholder(str)  # None: the embedded phantom dataset.
-  data.cache_dir = config_dict.placeholder(str)  # None -> $PIXSSL_CACHE or ~/.cache/pixssl_jax.
-  data.num_phantoms = 24  # Cases in the phantom dataset (data_dir None).
-  data.phantom_seed = 0  # Seed of the phantom generator and of the phantom store's splits.
-  data.phantom_shape_scale = 1.0  # Phantom size factor (docs/data.md).
-  data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
-  # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
-  # pixssl_jax.data.phantoms_clinical).
-  data.phantom_family = 'basic'
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
   data.patch_size = (128, 128)  # Crop size in voxels, one per spatial axis (ndim of them).
   data.foreground_prob = 0.67  # Crops centred on a labelled voxel [default: nnU-Net's 1/3 bg].
@@ -48,27 +55,11 @@ def _data_config() -> ml_collections.ConfigDict:
   # Off by default [default]; enabled=True turns it on.
   data.intensity = ml_collections.ConfigDict()
   data.intensity.enabled = False  # True: augment the crops' intensities.
-  data.intensity.prob = 0.5  # Probability of each augmentation, independently.
-  data.intensity.window_jitter = 0.1  # HU window centre and width moved by up to this x width.
-  data.intensity.remap_prob = 0.0  # Random Bezier remap of the windowed intensities; 0: off.
-  data.intensity.remap_nonmonotone_prob = 0.5  # Share of the remaps that are non-monotone.
-  data.intensity.brightness = 0.1  # Added offset, uniform in +-this (windowed [0, 1] units).
-  data.intensity.contrast = 0.2  # Deviation from the mean scaled by 1 +- this (uniform).
-  data.intensity.gamma = 0.3  # x ** g, log g uniform in +-log(1 + gamma).
-  data.intensity.noise_std = 0.03  # Gaussian noise, its std uniform in [0, noise_std].
-  data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
-  data.worker_count = 0  # grain worker processes; 0: in the main process.
-  data.read_threads = 2  # grain read threads per worker.
-  data.prefetch_buffer_size = 4  # grain read-ahead buffer, in records.
   return data
 
 
 def _model_config() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
-  model.features = (16, 32, 64, 128)  # Must equal the pre-training run's (strict loading).
-  model.num_groups = 8  # GroupNorm groups; must equal the pre-training run's.
-  model.dtype = 'float32'  # Compute dtype; parameters are always float32.
-  model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   # Decoder level the 1x1 head reads; None: 0 (full resolution) when fine-tuning, the
   # pre-training's pixel_level for a linear probe (the level the pre-training loss compared).
   model.head_level = config_dict.placeholder(int)
@@ -155,14 +146,16 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.model = _model_config()
   config.optim = _optim_config()
   config.eval = _eval_config()
+  common.set_store_fields(config)
+  common.set_loader_fields(config)
+  common.set_intensity_fields(config)
+  common.set_backbone_fields(config)
 
   if preset == 'tiny':
     config.num_steps = 6
     config.log_every = 2
     config.eval_every = 3
-    config.data.num_phantoms = 6
-    config.data.phantom_shape_scale = 0.4
-    config.data.phantom_spacing = (6.0, 6.0, 8.0)  # About 62 x 62 x 31 voxels per volume.
+    common.set_tiny_store(config)
     config.data.patch_size = (32, 32)
     config.model.features = (8, 16, 32)
     config.model.num_groups = 4

@@ -17,24 +17,28 @@ Every field can be overridden on the command line (`--config.num_steps=50`,
 by Zhang & Zhang (arXiv 2210.00646); the rest are our defaults (see ../docs/method.md).
 """
 
+import importlib.util
+import pathlib
+import types
+
 import ml_collections
-from ml_collections import config_dict
+
+
+def _load_sibling(name: str) -> types.ModuleType:
+  """configs/{name}.py, loaded from this file's folder (config files are loaded by path)."""
+  path = pathlib.Path(__file__).with_name(f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'pixssl_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _load_sibling('common')
 
 
 def _data_config() -> ml_collections.ConfigDict:
-  """Where volumes come from and how the two views are made."""
+  """How the two views are made (the store and loader fields: configs/common.py)."""
   data = ml_collections.ConfigDict()
-  # A prepared store (`python -m pixssl_jax.data.prepare`); None means the embedded phantom
-  # dataset, generated and prepared into `cache_dir` on first use.
-  data.data_dir = config_dict.placeholder(str)
-  data.cache_dir = config_dict.placeholder(str)  # None -> $PIXSSL_CACHE or ~/.cache/pixssl_jax.
-  data.num_phantoms = 24  # Cases in the phantom dataset (data_dir None).
-  data.phantom_seed = 0  # Seed of the phantom generator and of the phantom store's splits.
-  data.phantom_shape_scale = 1.0  # Phantom size factor (3: clinical in-plane grids; docs/data.md).
-  data.phantom_spacing = (1.5, 1.5, 2.0)  # Store grid of the phantom dataset, mm (x, y, z).
-  # 'basic' (pixssl_jax.data.phantoms) or 'clinical' (contrast phases, lesions, distractors;
-  # pixssl_jax.data.phantoms_clinical).
-  data.phantom_family = 'basic'
   data.ndim = 2  # 2: axial slices; 3: 3-D patches.
   data.patch_size = (128, 128)  # View size in voxels, one per spatial axis (ndim of them).
   # Spatial augmentation [default]: overlapping random crops, resized.
@@ -49,36 +53,16 @@ def _data_config() -> ml_collections.ConfigDict:
   # Intensity augmentation [default], applied independently to each view.
   data.intensity = ml_collections.ConfigDict()
   data.intensity.enabled = True  # False: views are only windowed, never augmented.
-  data.intensity.prob = 0.5  # Probability of each augmentation, independently.
-  data.intensity.window_jitter = 0.1  # HU window centre and width moved by up to this x width.
-  # Random Bezier remap of the windowed intensities (Models Genesis' non-linear transform),
-  # per view; a non-monotone curve reorders tissue intensities, as contrast phases do.
-  # 0: off (the default views).
-  data.intensity.remap_prob = 0.0
-  data.intensity.remap_nonmonotone_prob = 0.5  # Share of the remaps that are non-monotone.
-  data.intensity.brightness = 0.1  # Added offset, uniform in +-this (windowed [0, 1] units).
-  data.intensity.contrast = 0.2  # Deviation from the mean scaled by 1 +- this (uniform).
-  data.intensity.gamma = 0.3  # x ** g, log g uniform in +-log(1 + gamma).
-  data.intensity.noise_std = 0.03  # Gaussian noise, its std uniform in [0, noise_std].
-  data.intensity.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma range, voxels.
   # Student masking: this share of the cubes of mask_patch voxels per side of each view is
   # hidden from the student (the teacher sees the whole view); 0: off.
   data.mask_ratio = 0.0
   data.mask_patch = 8  # Side of a masking cube, voxels.
-  # Input pipeline resources: 0 workers is fastest on small hosts; use 8+ on accelerator hosts.
-  data.worker_count = 0
-  data.read_threads = 2  # grain read threads per worker.
-  data.prefetch_buffer_size = 4  # grain read-ahead buffer, in records.
   return data
 
 
 def _model_config() -> ml_collections.ConfigDict:
-  """The U-Net backbone and the heads."""
+  """The heads (the backbone's fields: configs/common.py)."""
   model = ml_collections.ConfigDict()
-  model.features = (16, 32, 64, 128)  # Channels per U-Net level; len = number of levels.
-  model.num_groups = 8  # GroupNorm groups [default: no batch statistics].
-  model.dtype = 'float32'  # Compute dtype; parameters are always float32.
-  model.layers = 'auto'  # Layer set: 'flax', 'cpu' (XLA:CPU forms), 'auto' (cpu on CPU).
   model.proj_hidden = 256  # Global projector/predictor MLP [default: BYOL shape, smaller].
   model.proj_dim = 128  # Output size of the global projector and predictor.
   # Norm of the global MLP heads: 'batch' (statistics over the global batch, as BYOL; under jit
@@ -174,6 +158,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.model = _model_config()
   config.method = _method_config()
   config.optim = _optim_config()
+  common.set_store_fields(config)
+  common.set_loader_fields(config)
+  common.set_intensity_fields(config)
+  common.set_backbone_fields(config)
 
   if preset == 'tiny':
     config.num_steps = 4
@@ -181,8 +169,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 1
     config.checkpoint_every = 2
     config.image_every = 2
-    config.data.num_phantoms = 6
-    config.data.phantom_shape_scale = 0.4
+    common.set_tiny_store(config)
     config.data.patch_size = (32, 32)
     config.model.features = (8, 16, 32)
     config.model.num_groups = 4

@@ -15,6 +15,8 @@ import ml_collections
 
 _HERE = pathlib.Path(__file__).resolve().parent
 NAMES = ('pretrain', 'finetune')
+# The fields both config files share, loaded by them from their own folder; not a config.
+SHARED = 'common'
 
 
 def config_dir() -> pathlib.Path:

@@ -1,12 +1,13 @@
 """`pixssl-train --list` (and `--help`): every preset and config field, from the config files.
 
 Presets are the names a file's `get_config` compares `preset` with; fields and their defaults
-come from `get_config()` itself; a field's meaning is the comment on its line in the file, or
-the comment block just above it. Nothing here is written twice: a new field or preset appears
-in the listing as soon as it is in its file.
+come from `get_config()` itself; a field's meaning is the comment on its line in the file (or in
+the shared `configs/common.py` that sets it), or the comment block just above it. Nothing here
+is written twice: a new field or preset appears in the listing as soon as it is in its file.
 """
 
 import ast
+import pathlib
 import re
 
 from pixssl_jax import config_files
@@ -28,7 +29,21 @@ def _prefixes(tree: ast.Module) -> dict[str, str]:
 
 
 def meanings(path: str) -> dict[str, str]:
-  """{dotted field: its comment} of one config file (the first assignment of each field)."""
+  """{dotted field: its comment} of one config file and the shared fields it sets.
+
+  The shared fields are those of `common.py` beside it (config_files.SHARED), whose helpers
+  assign `config.<section>.<field>`; the file's own comment wins where both have one.
+  """
+  out = _file_meanings(path)
+  shared = pathlib.Path(path).with_name(f'{config_files.SHARED}.py')
+  if shared.is_file():
+    for name, text in _file_meanings(str(shared)).items():
+      out.setdefault(name, text)
+  return out
+
+
+def _file_meanings(path: str) -> dict[str, str]:
+  """{dotted field: its comment} of one file (the first assignment of each field)."""
   source = open(path, encoding='utf-8').read()
   tree = ast.parse(source)
   sections = _prefixes(tree)

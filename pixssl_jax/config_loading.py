@@ -81,7 +81,8 @@ def _missing_file_error(path: str) -> ConfigLoadError:
   folder = os.path.dirname(path) or '.'
   found = glob.glob(os.path.join(folder, '*.py')) + glob.glob(os.path.join('configs', '*.py'))
   options = list(dict.fromkeys(os.path.normpath(p) for p in found))
-  configs = sorted(p for p in options if p.startswith('configs'))
+  configs = sorted(p for p in options if p.startswith('configs')
+                   and os.path.basename(p) != f'{config_files.SHARED}.py')
   listed = f' (config files here: {", ".join(configs)})' if configs else ''
   return ConfigLoadError(f'--config {path}: no such config file'
                          f'{_closest(os.path.normpath(path), options)}{listed}')

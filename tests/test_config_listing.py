@@ -33,3 +33,11 @@ def test_list_and_help_flags_print_it():
   helped = subprocess.run([sys.executable, '-m', 'pixssl_jax.main', '--help'], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
   assert '--config.method.mc_samples=8' in helped.stdout and '--workdir' in helped.stdout
+
+
+def test_shared_fields_take_their_meaning_from_configs_common():
+  text = config_listing.render()
+  pretrain, finetune = text.split('--config configs/finetune.py')
+  for part in (pretrain, finetune):
+    assert '--config.data.read_threads=2  # grain read threads per worker.' in part
+    assert "--config.model.layers='auto'  # Layer set:" in part
