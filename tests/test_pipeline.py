@@ -82,6 +82,14 @@ def _cfg(ndim, patch=8):
   return cfg
 
 
+def _finetune_cfg(ndim, patch=8):
+  cfg = config_files.load('finetune', 'demo').data
+  cfg.ndim = ndim
+  cfg.patch_size = (patch,) * ndim
+  cfg.flip = True  # Every kind of crop transform.
+  return cfg
+
+
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
@@ -235,7 +243,7 @@ def test_foreground_crops_are_class_balanced():
 
 def test_finetune_batches_and_small_volume_padding():
   store = InMemoryStore(num_cases=4, shape=(10, 6, 5))
-  cfg = _cfg(3, patch=8)
+  cfg = _finetune_cfg(3, patch=8)
   loader = pipeline.finetune_loader(store, cfg, split='train_10', batch_size=2, seed=0)
   batch = next(iter(loader))
   assert batch['image'].shape == (2, 8, 8, 8, 1) and batch['image'].dtype == np.float32
@@ -247,8 +255,8 @@ def test_finetune_batches_and_small_volume_padding():
 
 def test_finetune_loader_reads_only_the_given_case_ids():
   store = InMemoryStore(num_cases=6, shape=(10, 10, 4))
-  loader = pipeline.finetune_loader(store, _cfg(2, patch=8), split='pretrain', batch_size=2,
-                                    seed=0, case_ids=store.ids[2:4])
+  loader = pipeline.finetune_loader(store, _finetune_cfg(2, patch=8), split='pretrain',
+                                    batch_size=2, seed=0, case_ids=store.ids[2:4])
   iterator = iter(loader)
   for _ in range(4):
     next(iterator)
@@ -395,7 +403,8 @@ def test_loaders_through_a_real_prepared_case_store(tmp_path):
                   for s in slices]
     assert min(np.abs(c - view).max() for c in candidates) < 1e-5
 
-  fine = next(iter(pipeline.finetune_loader(store, cfg, split='train_100', batch_size=2, seed=0)))
+  fine = next(iter(pipeline.finetune_loader(store, _finetune_cfg(2, patch=16),
+                                            split='train_100', batch_size=2, seed=0)))
   assert fine['image'].shape == (2, 16, 16, 1) and fine['label'].shape == (2, 16, 16)
   volumes = list(pipeline.volume_iterator(store, 'val'))
   assert volumes and all(v['image'].shape == (24, 24, 10, 1) and 'label' in v for v in volumes)

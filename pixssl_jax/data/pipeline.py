@@ -170,11 +170,10 @@ def _make_loader(store: Any, split: str, transform: grain.transforms.RandomMap,
   sampler = GlobalShuffleSampler(len(source), seed, num_epochs, shard_count, batch_size,
                                  first_batch)
   if worker_count is None:
-    worker_count = int(data_cfg.get('worker_count', 0))
+    worker_count = int(data_cfg.worker_count)
   # grain's defaults (16 threads, 500 elements) hold about 1 GB of crops (docs/pitfalls.md).
-  read_options = grain.ReadOptions(
-      num_threads=int(data_cfg.get('read_threads', 2)),
-      prefetch_buffer_size=int(data_cfg.get('prefetch_buffer_size', 4)))
+  read_options = grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                                   prefetch_buffer_size=int(data_cfg.prefetch_buffer_size))
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[transform, grain.transforms.Batch(batch_size, drop_remainder=True)],
@@ -212,41 +211,35 @@ def pretrain_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, batch_si
 
 def finetune_loader(store: Any, data_cfg: ml_collections.ConfigDict, *, split: str,
                     batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
-                    foreground_prob: float = 0.67, flip: bool = True,
                     worker_count: Optional[int] = None,
                     num_epochs: Optional[int] = None,
                     case_ids: Optional[Sequence[str]] = None,
                     label_slices: int = 0,
-                    intensity_cfg: Optional[ml_collections.ConfigDict] = None,
-                    scale_range: Optional[Sequence[float]] = None,
                     first_batch: int = 0) -> grain.DataLoader:
   """Labelled random crops of `data_cfg.patch_size` (2-D slices or 3-D patches).
 
   Args:
     store: case store with labels for `split`.
-    data_cfg: the `data` config (ndim, patch_size, loader fields).
+    data_cfg: the fine-tuning `data` config (configs/finetune.py's fields): ndim, patch_size,
+      foreground_prob, flip, scale_range, intensity and the loader fields.
     split: labelled split, e.g. 'train_10'.
     batch_size: examples per batch in this process.
     seed: shuffle and augmentation seed.
     shard_index, shard_count: this process's share of the global stream.
-    foreground_prob: probability of centring a crop on a foreground voxel.
-    flip: random flip per axis (same for image and label).
     worker_count: grain worker processes; None reads `data_cfg.worker_count`.
     num_epochs: None repeats forever.
     case_ids: read these cases instead of the whole split (a drawn label fraction).
     label_slices: > 0: only this many evenly spaced axial slices of each case are labelled
       (`LabelledCrop`); needs 2-D crops. 0: whole volumes.
-    intensity_cfg: a `data.intensity` block augmenting the crops' intensities; None: off.
-    scale_range: (low, high) crop resize (`LabelledCrop`); None: no resize.
     first_batch: start at this global batch of the stream (resuming without iterator state).
 
   Returns:
     A DataLoader whose batches are dicts: `image` `[B, *P, 1]` float32 in [0, 1]
     and `label` `[B, *P]` int32.
   """
-  transform = LabelledCrop(store, views.patch_shape(data_cfg), foreground_prob, flip,
-                           label_slices=label_slices, intensity_cfg=intensity_cfg,
-                           scale_range=scale_range)
+  transform = LabelledCrop(store, views.patch_shape(data_cfg), float(data_cfg.foreground_prob),
+                           bool(data_cfg.flip), label_slices=label_slices,
+                           intensity_cfg=data_cfg.intensity, scale_range=data_cfg.scale_range)
   return _make_loader(store, split, transform, data_cfg,
                       batch_size=batch_size, seed=seed, shard_index=shard_index,
                       shard_count=shard_count, worker_count=worker_count, num_epochs=num_epochs,

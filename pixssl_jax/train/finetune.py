@@ -308,10 +308,7 @@ def _loader(store, config, train_ids, first_batch=0):
       store, config.data, split='train_100', case_ids=train_ids,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      foreground_prob=config.data.foreground_prob, flip=config.data.flip,
-      worker_count=config.data.worker_count, label_slices=config.label_slices,
-      intensity_cfg=config.data.intensity, scale_range=config.data.scale_range,
-      first_batch=first_batch))
+      label_slices=config.label_slices, first_batch=first_batch))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
