@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pixssl_jax import config_files
+from pixssl_jax import config_loading
 from pixssl_jax.models import layers
 from pixssl_jax.models import segmentation
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
@@ -19,19 +20,6 @@ TINY = dict(features=(8, 16, 32), num_groups=4, proj_hidden=32, proj_dim=16, pix
 # An 'rbg' key: jit-compiling Flax init with threefry keys takes ~8 s for a tiny 3-D U-Net on
 # this CPU against ~1 s with rbg; the values do not matter to these tests.
 INIT_KEY = jax.random.key(0, impl='rbg')
-# The presets of configs/pretrain.py: (ndim, model fields, patch size).
-PRESETS = {
-    'tiny': (2, dict(TINY, pixel_level=1), 32),
-    'demo': (2, dict(features=(16, 32, 64, 128), num_groups=8, proj_hidden=256, proj_dim=128,
-                     pixel_level=2, pixel_hypercolumn=True, pixel_proj_dim=64,
-                     stabilizer_hidden=128, stabilizer_dropout=0.1, head_norm='batch'), 128),
-    'btcv_3d': (3, dict(features=(32, 64, 128, 256), num_groups=8, proj_hidden=1024,
-                        proj_dim=256, pixel_level=2, pixel_hypercolumn=True,
-                        pixel_proj_dim=128, stabilizer_hidden=256,
-                        stabilizer_dropout=0.1, head_norm='batch'), 96),
-}
-
-
 def _cfg(fields, dtype='float32'):
   return ml_collections.ConfigDict(dict({'pixel_norm': 'group', 'layers': 'auto'}, **fields,
                                         dtype=dtype))
@@ -120,16 +108,18 @@ def test_stabilizer_dropout_uses_rng(tiny):
   np.testing.assert_array_equal(np.asarray(det_a), np.asarray(det_b))
 
 
-@pytest.mark.parametrize('name', sorted(PRESETS))
+@pytest.mark.parametrize('name', config_loading._preset_names(  # pylint: disable=protected-access
+    str(config_files.CONFIG_DIR / 'pretrain.py')))
 def test_presets_build_and_trace(name):
   """Every config preset builds, initialises and runs (shape-checked by tracing only)."""
-  ndim, fields, patch = PRESETS[name]
-  model = build_model(_cfg(fields), ndim)
-  shape = (2,) + (patch,) * ndim + (1,)
+  config = config_files.load('pretrain', name)
+  ndim, fields = config.data.ndim, config.model
+  model = build_model(fields, ndim)
+  shape = (2,) + tuple(config.data.patch_size) + (1,)
   params = jax.eval_shape(lambda k: init_params(model, k, (1,) + shape[1:]), INIT_KEY)
   out = jax.eval_shape(lambda p, x: model.apply({'params': p}, x), params,
                        jax.ShapeDtypeStruct(shape, jnp.float32))
-  grid = (patch // 2 ** fields['pixel_level'],) * ndim
+  grid = tuple(p // 2 ** fields['pixel_level'] for p in config.data.patch_size)
   assert out['pixel_proj'].shape == (2, *grid, fields['pixel_proj_dim'])
   assert out['global_pred'].shape == (2, fields['proj_dim'])
   assert model.downsampling_factor == 2 ** (len(fields['features']) - 1)
