@@ -11,7 +11,9 @@ import numpy as np
 
 from pixssl_jax.data.phantom_geometry import Canvas
 from pixssl_jax.data.phantom_geometry import ellipse_xy
+from pixssl_jax.data.phantom_geometry import deformed
 from pixssl_jax.data.phantom_geometry import ellipsoid
+from pixssl_jax.data.phantom_geometry import RandomField
 from pixssl_jax.data.phantom_geometry import Shape
 from pixssl_jax.data.phantom_geometry import smooth_max
 from pixssl_jax.data.phantom_geometry import uniform
@@ -109,3 +111,32 @@ def paint_table(cv: Canvas, rng, body: Body, table_hu: float) -> None:
   table = lambda x, y, z: np.maximum(np.abs(y - y_table + 6 - x * x / 1200) - 6,
                                      np.abs(x) - 230 + 0 * z)
   cv.paint((-240, y_table - 20, -UNBOUNDED), (240, y_table + 60, UNBOUNDED), table, table_hu, 0)
+
+
+def paint_colon(rng, body: Body, inside, hollow) -> None:
+  """Ascending and descending colon (vertical tubes ending at random heights) and the sagging
+  transverse colon between them, each painted by `hollow(lo, hi, sdf, gas_above_y, 'stool')`.
+
+  `inside(sdf, region, margin)` clips a shape to the body's cavity. Both phantom families
+  draw the same random numbers here, in the same order.
+  """
+  cw = body.cavity_half_width
+  x_asc, x_desc = cw * uniform(rng, 0.6, 0.75), -cw * uniform(rng, 0.65, 0.8)
+  colons = ((x_asc, uniform(rng, 5, 30), uniform(rng, -20, 10), uniform(rng, 18, 25)),
+            (x_desc, uniform(rng, -10, 15), uniform(rng, 15, 45), uniform(rng, 14, 20)))
+  for xc, yc, z_end, r in colons:
+    tube = lambda x, y, z, xc=xc, yc=yc, r=r, ze=z_end: np.maximum(
+        np.hypot(x - xc, y - yc) - r, z - ze)
+    hollow((xc - r - 10, yc - r - 10, -UNBOUNDED), (xc + r + 10, yc + r + 10, z_end + 10),
+           inside(deformed(tube, RandomField(rng, 4.)), 'cavity', 3.),
+           yc + uniform(rng, -0.2, 0.5) * r, 'stool')
+  yt, zt = uniform(rng, 30, 55), uniform(rng, -10, 15)
+  sag, rt = uniform(rng, 10, 50), uniform(rng, 16, 22)
+  xm, hw = (x_asc + x_desc) / 2, (x_asc - x_desc) / 2
+  zt_of = lambda x: zt - sag * (1 - np.clip((x - xm) / hw, -1, 1)**2)
+  transverse = lambda x, y, z: np.maximum(np.hypot(y - yt, z - zt_of(x)) - rt,
+                                          np.abs(x - xm) - hw)
+  hollow((x_desc - 30, yt - rt - 10, zt - sag - rt - 10),
+         (x_asc + 30, yt + rt + 10, zt + rt + 10),
+         inside(deformed(transverse, RandomField(rng, 4.)), 'cavity', 3.),
+         yt + uniform(rng, -0.3, 0.4) * rt, 'stool')

@@ -11,6 +11,7 @@ import types
 
 import numpy as np
 
+from pixssl_jax.data.phantom_body import paint_colon
 from pixssl_jax.data.phantom_geometry import capsule
 from pixssl_jax.data.phantom_geometry import deformed
 from pixssl_jax.data.phantom_geometry import ellipse_xy
@@ -141,24 +142,7 @@ def paint_gut(cv, rng, body, inside, below_dome, hu_of, oral: bool):
   hollow(sc - sa.max() - 20, sc + sa.max() + 20, below_dome(inside(stomach, 'cavity', 3.)),
          sc[1] + uniform(rng, -0.2, 0.5) * sa[1], fill)
   cw = body.cavity_half_width
-  x_asc, x_desc = cw * uniform(rng, 0.6, 0.75), -cw * uniform(rng, 0.65, 0.8)
-  colons = ((x_asc, uniform(rng, 5, 30), uniform(rng, -20, 10), uniform(rng, 18, 25)),
-            (x_desc, uniform(rng, -10, 15), uniform(rng, 15, 45), uniform(rng, 14, 20)))
-  for xc, yc, z_end, r in colons:
-    tube = lambda x, y, z, xc=xc, yc=yc, r=r, ze=z_end: np.maximum(
-        np.hypot(x - xc, y - yc) - r, z - ze)
-    hollow((xc - r - 10, yc - r - 10, -_ALL), (xc + r + 10, yc + r + 10, z_end + 10),
-           inside(deformed(tube, RandomField(rng, 4.)), 'cavity', 3.),
-           yc + uniform(rng, -0.2, 0.5) * r, 'stool')
-  yt, zt = uniform(rng, 30, 55), uniform(rng, -10, 15)
-  sag, rt = uniform(rng, 10, 50), uniform(rng, 16, 22)
-  xm, hw = (x_asc + x_desc) / 2, (x_asc - x_desc) / 2
-  zt_of = lambda x: zt - sag * (1 - np.clip((x - xm) / hw, -1, 1)**2)
-  transverse = lambda x, y, z: np.maximum(np.hypot(y - yt, z - zt_of(x)) - rt,
-                                          np.abs(x - xm) - hw)
-  hollow((x_desc - 30, yt - rt - 10, zt - sag - rt - 10), (x_asc + 30, yt + rt + 10, zt + rt + 10),
-         inside(deformed(transverse, RandomField(rng, 4.)), 'cavity', 3.),
-         yt + uniform(rng, -0.3, 0.4) * rt, 'stool')
+  paint_colon(rng, body, inside, hollow)
   # Small bowel, also high enough to lie between the kidneys, liver and spleen.
   for _ in range(int(rng.integers(7, 13))):
     c = np.array([uniform(rng, -0.7, 0.7) * cw, uniform(rng, -10, 60), uniform(rng, -160, 10)])
