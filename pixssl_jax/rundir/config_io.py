@@ -16,6 +16,8 @@ from etils import epath
 from pixssl_jax.data import default_dataset
 from pixssl_jax.data import splits as splits_lib
 from pixssl_jax.rundir import config_upgrade
+from pixssl_jax.rundir.config_fields import MISSING
+from pixssl_jax.rundir.config_fields import field_at
 
 CONFIG_FILE = 'config.json'
 
