@@ -1,7 +1,8 @@
 r"""Input pipeline speed: prepare seconds per case, view rendering, two-view batches/s.
 
   PYTHONPATH=. python benchmarks/input_pipeline.py [--workers 0,2] [--batches 12] \
-      [--prepare_cases 3] [--store auto|phantom|synthetic]
+      [--repeats 3] [--presets 2d,3d,3d_hard] [--prepare_cases 3] \
+      [--store auto|phantom|synthetic]
 
 1. prepare: writes `--prepare_cases` synthetic CT-like NIfTI cases (256x256x60 at
    0.8x0.8x2.5 mm, a CT slab at reduced in-plane size) and times
@@ -12,9 +13,13 @@ r"""Input pipeline speed: prepare seconds per case, view rendering, two-view bat
    always through `CaseStore`.
 3. Rendering one view: the exact slicing path and the separable path against
    `scipy.ndimage.affine_transform` on the same integer / resized (x1.2) transform.
-4. `pretrain_loader` batches/s for the 2-D demo preset (128x128, batch 8) and a 3-D 96^3
-   preset (batch 2), with the default scale range and with resizing off, for each worker
-   count. The first batch (worker start) is not timed.
+4. `pretrain_loader` for the 2-D demo preset (128x128, batch 8), a 3-D 96^3 preset (batch 2)
+   and the same with every intensity augmentation and the remap on (`3d_hard`), with the
+   default scale range and with resizing off, for each worker count: two-view batches/s of
+   wall time, and two-view samples per CPU-second of the pipeline (this process, its grain
+   threads and its live worker processes), which is samples/s per fully used host core and
+   does not depend on what else runs on the machine. The first batch (worker start) is not
+   timed; each figure is the median of `--repeats` consecutive stretches of `--batches`.
 Prints markdown tables and the machine/date for docs/BENCHMARKS.md.
 """
 import argparse
@@ -36,9 +41,11 @@ from pixssl_jax.data import pipeline
 from pixssl_jax.data import prepare
 from pixssl_jax.data import views
 
-PRESETS = {  # name: (ndim, patch_size, batch_size)
-    '2-D demo 128x128, batch 8': (2, (128, 128), 8),
-    '3-D 96^3, batch 2': (3, (96, 96, 96), 2),
+PRESETS = {  # key: (name, ndim, patch_size, batch_size, every intensity augmentation on)
+    '2d': ('2-D demo 128x128, batch 8', 2, (128, 128), 8, False),
+    '3d': ('3-D 96^3, batch 2', 3, (96, 96, 96), 2, False),
+    '3d_hard': ('3-D 96^3, batch 2, every intensity augmentation + remap', 3, (96, 96, 96), 2,
+                True),
 }
 
 
@@ -143,23 +150,67 @@ def time_render(volume: np.ndarray, repeats: int = 7) -> list[tuple[str, float]]
   return rows
 
 
-def time_loader(store, ndim, patch, batch_size, workers, scale_range, num_batches) -> float:
+def children_cpu_s() -> float:
+  """CPU seconds (user + system) so far of this process's live children, from /proc.
+
+  grain's worker processes run for the whole loop, and `RUSAGE_CHILDREN` counts only
+  children that have exited, so their CPU time is read from `/proc/<pid>/stat` (Linux).
+  """
+  tick, total = os.sysconf('SC_CLK_TCK'), 0.0
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue  # Exited meanwhile.
+    if int(fields[1]) == os.getpid():  # Fields after the name: state, ppid, ..., utime, stime.
+      total += (int(fields[11]) + int(fields[12])) / tick
+  return total
+
+
+def time_loader(store, ndim, patch, batch_size, workers, scale_range, hard, num_batches,
+                repeats) -> tuple[float, float]:
+  """Median (batches/s of wall time, samples per CPU-second) over `repeats` stretches."""
   cfg = config_files.load('pretrain', 'demo').data
   cfg.ndim, cfg.patch_size, cfg.scale_range = ndim, patch, scale_range
+  if hard:
+    cfg.intensity.prob, cfg.intensity.remap_prob = 1.0, 1.0
   loader = pipeline.pretrain_loader(store, cfg, batch_size=batch_size, seed=0,
                                     worker_count=workers)
   iterator = iter(loader)
   next(iterator)  # Worker start-up and first reads are not steady state.
-  tic = time.perf_counter()
-  for _ in range(num_batches):
-    next(iterator)
-  return num_batches / (time.perf_counter() - tic)
+  wall_rates, cpu_rates = [], []
+  for _ in range(repeats):
+    # process_time covers every thread of this process (grain's read threads included).
+    tic, cpu = time.perf_counter(), time.process_time() + children_cpu_s()
+    for _ in range(num_batches):
+      next(iterator)
+    cpu = time.process_time() + children_cpu_s() - cpu
+    wall_rates.append(num_batches / (time.perf_counter() - tic))
+    cpu_rates.append(num_batches * batch_size / cpu)
+  return float(np.median(wall_rates)), float(np.median(cpu_rates))
+
+
+def cpu_model() -> str:
+  """The CPU's model name as lscpu prints it (Linux), else what platform knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workers', default='0,2')
   parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--presets', default=','.join(PRESETS))
   parser.add_argument('--prepare_cases', type=int, default=3)
   parser.add_argument('--store', choices=('auto', 'phantom', 'synthetic'), default='auto')
   args = parser.parse_args()
@@ -173,17 +224,19 @@ def main() -> None:
     render_rows = time_render(volume)
     memmap_ms, record_ms = time_crop_sources(store)
     loader_rows = []
-    for name, (ndim, patch, batch_size) in PRESETS.items():
+    for key in args.presets.split(','):
+      name, ndim, patch, batch_size, hard = PRESETS[key]
       for scale_name, scale_range in [('0.7-1.4', (0.7, 1.4)), ('off (exact path)', None)]:
         for workers in (int(w) for w in args.workers.split(',')):
-          rate = time_loader(store, ndim, patch, batch_size, workers, scale_range,
-                             args.batches if ndim == 2 else max(args.batches // 2, 3))
-          loader_rows.append((name, scale_name, workers, rate))
-          print(f'  {name}, scale {scale_name}, {workers} workers: {rate:.2f} batches/s',
-                file=sys.stderr, flush=True)
+          rate, per_cpu = time_loader(store, ndim, patch, batch_size, workers, scale_range,
+                                      hard, args.batches if ndim == 2
+                                      else max(args.batches // 2, 3), args.repeats)
+          loader_rows.append((name, scale_name, workers, rate, batch_size * rate, per_cpu))
+          print(f'  {name}, scale {scale_name}, {workers} workers: {rate:.2f} batches/s, '
+                f'{per_cpu:.1f} samples per CPU-second', file=sys.stderr, flush=True)
 
   print(f'Input pipeline, {datetime.date.today()}, {platform.node()}, '
-        f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
+        f'{cpu_model()}, {os.cpu_count()} CPUs, '
         f'Python {platform.python_version()}, load average at the end '
         f'{os.getloadavg()[0]:.1f} (other work on the machine slows the numbers)\n')
   print(f'prepare (synthetic 256x256x60 NIfTI at 0.8x0.8x2.5 mm -> 1.5x1.5x2.0 mm): '
@@ -194,9 +247,10 @@ def main() -> None:
   print('| view rendering | ms per view |\n| --- | --- |')
   for label, ms in render_rows:
     print(f'| {label} | {ms:.2f} |')
-  print('\n| preset | crop scale | workers | two-view batches/s |\n| --- | --- | --- | --- |')
-  for name, scale_name, workers, rate in loader_rows:
-    print(f'| {name} | {scale_name} | {workers} | {rate:.2f} |')
+  print(f'\n| preset | crop scale | workers | two-view batches/s | samples/s | '
+        f'samples per CPU-second |\n| --- | --- | --- | --- | --- | --- |')
+  for name, scale_name, workers, rate, samples, per_cpu in loader_rows:
+    print(f'| {name} | {scale_name} | {workers} | {rate:.2f} | {samples:.1f} | {per_cpu:.1f} |')
 
 
 if __name__ == '__main__':
