@@ -197,7 +197,7 @@ def test_the_fields_are_checked_and_old_runs_read_as_their_defaults():
   assert 'config.optim.layer_decay=1.5: must be in (0, 1]' in text
   assert 'config.optim.linear_probe_steps=6: must be below config.num_steps=6' in text
   both = _config(linear_probe_steps=2, head_warmup_steps=2)
-  assert any('use one' in p for p in finetune_recipe.config_problems(both))
+  assert any('use one' in p for p in config_checks.recipe_problems(both))
   old = config_files.load('finetune', 'tiny')
   for field in ('l2_sp', 'layer_decay', 'linear_probe_steps'):
     del old.optim[field]

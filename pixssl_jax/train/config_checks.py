@@ -27,7 +27,6 @@ from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir.config_fields import MISSING
 from pixssl_jax.rundir.config_fields import field_at
 from pixssl_jax.rundir.config_io import ConfigError
-from pixssl_jax.train import finetune_recipe
 from pixssl_jax.train import load_pretrained
 
 
@@ -321,8 +320,25 @@ def finetune_config_problems(config: ml_collections.ConfigDict, *, device_count:
                     f'[0, {len(model.features) - 1}] for {len(model.features)} U-Net levels.')
   if config.pretrained_step is not None and config.pretrained_step < 0:
     problems.append(f'config.pretrained_step={config.pretrained_step}: must be >= 0.')
-  problems += finetune_recipe.config_problems(config)
+  problems += recipe_problems(config)
   return problems + config_io.eval_problems(config)
+
+
+def recipe_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Combinations of the recipe fields that contradict each other (empty if none)."""
+  optim, problems = config.optim, []
+  steps = optim.linear_probe_steps
+  if steps and steps >= config.num_steps:
+    problems.append(f'config.optim.linear_probe_steps={steps}: must be below '
+                    f'config.num_steps={config.num_steps} (a run of only the probe is '
+                    'config.linear_probe=True).')
+  if steps and optim.head_warmup_steps:
+    problems.append(f'config.optim.linear_probe_steps={steps} and head_warmup_steps='
+                    f'{optim.head_warmup_steps}: both hold the backbone first; use one.')
+  if steps and config.linear_probe:
+    problems.append(f'config.optim.linear_probe_steps={steps} with config.linear_probe=True: '
+                    'the backbone never trains; set one of them.')
+  return problems
 
 
 def validate_finetune(config: ml_collections.ConfigDict, workdir: str) -> None:

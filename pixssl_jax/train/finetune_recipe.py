@@ -121,20 +121,3 @@ def head_schedule(optim_cfg: ml_collections.ConfigDict, num_steps: int,
   probe = optimizers.learning_rate_schedule(optim_cfg, probe_steps)
   rest = optimizers.learning_rate_schedule(optim_cfg, num_steps - probe_steps)
   return lambda step: jnp.where(step < probe_steps, probe(step), rest(step - probe_steps))
-
-
-def config_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Combinations of the recipe fields that contradict each other (empty if none)."""
-  optim, problems = config.optim, []
-  steps = optim.get('linear_probe_steps', 0)
-  if steps and steps >= config.num_steps:
-    problems.append(f'config.optim.linear_probe_steps={steps}: must be below '
-                    f'config.num_steps={config.num_steps} (a run of only the probe is '
-                    'config.linear_probe=True).')
-  if steps and optim.get('head_warmup_steps', 0):
-    problems.append(f'config.optim.linear_probe_steps={steps} and head_warmup_steps='
-                    f'{optim.head_warmup_steps}: both hold the backbone first; use one.')
-  if steps and config.linear_probe:
-    problems.append(f'config.optim.linear_probe_steps={steps} with config.linear_probe=True: '
-                    'the backbone never trains; set one of them.')
-  return problems
