@@ -104,7 +104,7 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
   Returns:
     float32 array of x's shape.
   """
-  if x.ndim < 3:
+  if x.ndim < 3 or sigma <= 1e-15:  # gaussian_filter copies x unfiltered below 1e-15.
     return ndimage.gaussian_filter(x, sigma, mode='nearest', output=np.float32)
   # Written plane by plane: one strided write per plane is 2.5x faster than numpy's
   # transposing copy, which reads a voxel per plane for every element.
