@@ -18,7 +18,7 @@ RESTORATION_LOSSES = ('l2', 'l1')
 
 
 def _enabled(method_cfg: ml_collections.ConfigDict) -> bool:
-  return float(method_cfg.get('lambda_restoration', 0.0)) > 0
+  return float(method_cfg.lambda_restoration) > 0
 
 
 def restoration_error(reconstruction: jnp.ndarray, target: jnp.ndarray,
