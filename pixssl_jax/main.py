@@ -39,20 +39,6 @@ _OVERRIDES = []  # (field, raw value) of each --config.FIELD=VALUE, taken out be
 EXIT_FAULT, EXIT_REFUSED = 1, 2
 
 
-def _drop_orbax_coroutine_noise(unraisable) -> None:
-  """`sys.unraisablehook` without Orbax's abandoned read coroutines.
-
-  When one array of a checkpoint fails to restore (a refused resume, a damaged step), Orbax's
-  sibling reads are left unawaited and Python prints each one's traceback when it is
-  collected, around the one `error:` line that already names the checkpoint and the reason.
-  Every other unraisable exception is reported as usual.
-  """
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None and 'orbax' in code.co_filename:
-    return
-  sys.__unraisablehook__(unraisable)
-
-
 def _stop(message: str, code: int) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
@@ -132,7 +118,7 @@ def main(argv):
   from pixssl_jax.train import config_checks
   from pixssl_jax.train import save_errors
   # pylint: enable=g-import-not-at-top
-  sys.unraisablehook = _drop_orbax_coroutine_noise
+  save_errors.quiet_abandoned_orbax_work()
   # Relative paths are taken from the current directory, here and in the config's path fields.
   workdir = paths.absolute(_WORKDIR.value)
   if jax.process_index() == 0:

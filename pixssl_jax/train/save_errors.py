@@ -11,6 +11,8 @@ thread is left to write at interpreter shutdown.
 import logging
 import os
 import re
+import sys
+import warnings
 import weakref
 
 import orbax.checkpoint as ocp
@@ -44,9 +46,9 @@ class _QuietSaveThreadErrors(logging.Filter):
 
 
 class _QuietUnretrievedWrites(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" records, installed once a failed save
-  is reported: the other writes of that save failed the same way, and their futures, which
-  no one awaits after the first failure, log it when they are collected (often at exit)."""
+  """Drops asyncio's "exception was never retrieved" records (`quiet_abandoned_orbax_work`):
+  after a failed save or restore the other arrays' futures failed the same way, and no one
+  awaits them after the first failure, so they log it when they are collected."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return 'exception was never retrieved' not in record.getMessage()
@@ -119,6 +121,31 @@ def _close_quietly(manager: ocp.CheckpointManager) -> None:
     pass
 
 
+def _drop_orbax_coroutines(unraisable) -> None:
+  """`sys.unraisablehook` without Orbax's abandoned coroutines; others reported as usual."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def quiet_abandoned_orbax_work() -> None:
+  """Silences what Orbax's abandoned concurrent reads and writes print when collected.
+
+  When one array of a checkpoint fails to restore (a refused resume, a damaged step) or to
+  save, Orbax's sibling coroutines and futures are left unawaited, and Python reports each
+  (a traceback per array, "was never awaited", "exception was never retrieved") whenever it
+  collects them, before or after the one `error:` line that already names the checkpoint and
+  the reason. The run's own code awaits nothing, so only Orbax's are dropped.
+  """
+  sys.unraisablehook = _drop_orbax_coroutines
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _QuietUnretrievedWrites) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietUnretrievedWrites())
+
+
 def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
   """The `SaveError` for `error`, raised by a save of `step` or a wait after it.
 
@@ -126,9 +153,7 @@ def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> 
   intact on disk, for the line.
   """
   _failed.add(manager)
-  asyncio_logger = logging.getLogger('asyncio')
-  if not any(isinstance(f, _QuietUnretrievedWrites) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_QuietUnretrievedWrites())
+  quiet_abandoned_orbax_work()  # Also where a library caller saves without `main`.
   _close_quietly(manager)  # First: a save still in flight finishes or fails for good.
   failed = _failed_step(error, manager, step)
   directory = epath.Path(manager.directory)
