@@ -46,7 +46,7 @@ CORRECT, WITH_SHARDING_BUG = 'pixssl_jax.main', 'tests.sharding_bug_main'
 # batch, batch-norm statistics of the projectors) whose order the topology changes; reordering
 # a sum of n terms moves it by at most about n roundoffs relative, with n <= 8 devices, and
 # the small weight differences this leaves add a few more. 2**-14 (6e-5) allows for 1000
-# roundoffs; a fault that changes the examples moves the loss by 1e-3 or more (the last test).
+# roundoffs; a fault that changes the examples moves the loss by ten times that or more.
 LOSS_RTOL = 2.0 ** -14
 # A weight is stored with a roundoff of 2**-24 relative, and three LARS steps (each at most
 # lr x trust coefficient = 1e-6 of the weight) add far less: 16 roundoffs of the mean weight.
