@@ -138,12 +138,12 @@ def quiet_abandoned_orbax_work() -> None:
   collects them, before or after the one `error:` line that already names the checkpoint and
   the reason. The run's own code awaits nothing, so only Orbax's are dropped.
   """
+  if sys.unraisablehook is _drop_orbax_coroutines:
+    return  # Installed already (main, then a failed save): the filters would pile up.
   sys.unraisablehook = _drop_orbax_coroutines
   warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
                           category=RuntimeWarning)
-  asyncio_logger = logging.getLogger('asyncio')
-  if not any(isinstance(f, _QuietUnretrievedWrites) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_QuietUnretrievedWrites())
+  logging.getLogger('asyncio').addFilter(_QuietUnretrievedWrites())
 
 
 def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
