@@ -39,8 +39,13 @@ _OVERRIDES = []  # (field, raw value) of each --config.FIELD=VALUE, taken out be
 EXIT_FAULT, EXIT_REFUSED = 1, 2
 
 
-def _stop(message: str, code: int) -> None:
+def _stop(message: str, code: int, silence_after: bool = False) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
+  if silence_after:
+    # The line says what failed and what survived; what Orbax's save threads print while the
+    # interpreter shuts them down (a closed event loop, unretrieved futures) only repeats it.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
   sys.exit(code)
 
 
@@ -130,7 +135,7 @@ def main(argv):
   except (config_checks.ConfigError, workdir_lock.WorkdirLocked) as e:
     _stop(str(e), EXIT_REFUSED)
   except save_errors.SaveError as e:
-    _stop(str(e), EXIT_FAULT)
+    _stop(str(e), EXIT_FAULT, silence_after=True)
   except FloatingPointError as e:
     _stop(str(e), EXIT_FAULT)
 
