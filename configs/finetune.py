@@ -20,24 +20,14 @@ The data fields mean what they mean in configs/pretrain.py; `data` must name the
 (or phantom settings) as pre-training, since the seeded splits come from it.
 """
 
-import importlib.util
-import pathlib
-import types
-
 import ml_collections
 from ml_collections import config_dict
 
-
-def _load_sibling(name: str) -> types.ModuleType:
-  """configs/{name}.py, loaded from this file's folder (config files are loaded by path)."""
-  path = pathlib.Path(__file__).with_name(f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'pixssl_jax_config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from pixssl_jax import config_files
 
 
-common = _load_sibling('common')
+# Config files are loaded by path; their shared blocks come from the common.py beside them.
+common = config_files.shared_fields(__file__)
 
 
 def _data_config() -> ml_collections.ConfigDict:

@@ -10,12 +10,13 @@ these (`resolve`). `python -m pixssl_jax.main --config ...` loads them through
 import importlib.util
 import os
 import pathlib
+import types
 
 import ml_collections
 
 _HERE = pathlib.Path(__file__).resolve().parent
 NAMES = ('pretrain', 'finetune')
-# The fields both config files share, loaded by them from their own folder; not a config.
+# The fields both config files share (`shared_fields`), beside them; not a config.
 SHARED = 'common'
 
 
@@ -45,12 +46,27 @@ def resolve(path: str) -> str:
   return str(shipped) if name in NAMES and shipped.is_file() else path
 
 
+def exec_file(path: str | os.PathLike) -> types.ModuleType:
+  """The Python file at `path`, executed as a module of its own.
+
+  Config files are loaded by path, not imported (a user's copy may live anywhere), so a config
+  file reaches the fields it shares with its sibling through `shared_fields(__file__)`.
+  """
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f'pixssl_jax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def shared_fields(config_file: str) -> types.ModuleType:
+  """The `common.py` beside `config_file`: the blocks both config files share."""
+  return exec_file(pathlib.Path(config_file).with_name(f'{SHARED}.py'))
+
+
 def load(name: str, preset: str | None = None) -> ml_collections.ConfigDict:
   """`configs/{name}.py`'s `get_config(preset)`, e.g. `load('finetune', 'tiny')`."""
   path = CONFIG_DIR / f'{name}.py'
   if not path.exists():
     raise FileNotFoundError(f'{path}: no such config file')
-  spec = importlib.util.spec_from_file_location(f'{name}_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return exec_file(path).get_config(preset)

@@ -9,7 +9,6 @@ of ints stays a tuple of ints or is refused, never stored as the string the user
 import ast
 import difflib
 import glob
-import importlib.util
 import os
 from typing import Any
 
@@ -94,10 +93,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   path = config_files.resolve(path)  # The shipped presets, from any directory.
   if not os.path.isfile(path):
     raise _missing_file_error(path)
-  module_spec = importlib.util.spec_from_file_location('pixssl_config_file', path)
-  module = importlib.util.module_from_spec(module_spec)
   try:
-    module_spec.loader.exec_module(module)
+    module = config_files.exec_file(path)
   except Exception as e:  # pylint: disable=broad-except
     # Whatever the file raises (a syntax error, a failed import) is a file that cannot load.
     raise ConfigLoadError(f'--config {path}: cannot be loaded ({type(e).__name__}: '
