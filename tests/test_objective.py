@@ -10,6 +10,7 @@ import pytest
 
 from pixssl_jax import config_files
 from pixssl_jax import losses
+from pixssl_jax import objective
 from pixssl_jax.models.heads import dropout_scale
 from pixssl_jax.models.pixssl import build_model, init_params, PixSSLModel
 from pixssl_jax.rundir import config_upgrade
@@ -115,6 +116,20 @@ def test_each_ablation_switch_removes_exactly_its_term(full):
   assert float(ms['loss_variance']) == 0.0 and float(ms['loss_covariance']) == 0.0
   with pytest.raises(ValueError, match='nothing to learn'):
     _loss(_cfg(use_global=False, use_pixel=False))
+
+
+def _added_losses(cfg):
+  return [name for term in objective.enabled_terms(cfg) for name in term.losses(cfg)]
+
+
+def test_the_losses_each_config_adds():
+  # The progress line shows these: the calibration part only when its weight is on.
+  assert _added_losses(_cfg(lambda_calibration=0.0)) == [
+      'loss_variance', 'loss_covariance', 'loss_global', 'loss_pixel']
+  assert _added_losses(_cfg(lambda_calibration=1.0))[-1] == 'loss_calibration'
+  assert _added_losses(_cfg(use_global=False, use_pixel=False, lambda_variance=0.0,
+                            lambda_covariance=0.0, lambda_restoration=1.0)) == [
+                                'loss_restoration']
 
 
 def test_without_stabilizer_the_projection_is_compared_directly():

@@ -58,6 +58,8 @@ class Term(NamedTuple):
     needs_predictor: it reads the student's `global_pred`.
     model_heads: `build_model` arguments for heads that exist only while it is on, so runs
       without it keep their parameter tree (and old checkpoints restore).
+    optional_losses: `loss_*` metrics of an optional part of the term, each with the test
+      of the `method` config that turns the part on; the progress line leaves the others out.
   """
   name: str
   enabled: Callable[[ml_collections.ConfigDict], bool]
@@ -66,3 +68,9 @@ class Term(NamedTuple):
   needs_teacher: bool = False
   needs_predictor: bool = False
   model_heads: dict[str, Any] = {}
+  optional_losses: dict[str, Callable[[ml_collections.ConfigDict], bool]] = {}
+
+  def losses(self, method_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The `loss_*` metrics this term adds to the loss under `method_cfg`."""
+    return tuple(n for n in self.metric_names if n.startswith('loss_')
+                 and self.optional_losses.get(n, lambda _: True)(method_cfg))

@@ -216,4 +216,5 @@ def _compute(inputs: TermInputs):
 
 TERM = Term('pixel', _enabled, _compute,
             ('loss_pixel', 'loss_calibration', 'uncertainty_mean', 'uncertainty_p90',
-             'overlap_fraction') + PIXEL_DIAGNOSTICS, needs_teacher=True)
+             'overlap_fraction') + PIXEL_DIAGNOSTICS, needs_teacher=True,
+            optional_losses={'loss_calibration': lambda m: float(m.lambda_calibration) > 0})

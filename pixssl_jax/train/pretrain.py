@@ -235,12 +235,9 @@ def _make_data_iterator(store, config: ml_collections.ConfigDict, first_batch: i
 
 
 def _loss_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The losses of the enabled terms, for the progress line (calibration only when on)."""
-  names = [name for term in objective.enabled_terms(config.method)
-           for name in term.metric_names if name.startswith('loss_')]
-  if float(config.method.lambda_calibration) <= 0 and 'loss_calibration' in names:
-    names.remove('loss_calibration')
-  return tuple(names)
+  """The losses the enabled terms add, for the progress line."""
+  return tuple(name for term in objective.enabled_terms(config.method)
+               for name in term.losses(config.method))
 
 
 def _axial_slices(maps) -> dict[str, np.ndarray]:
