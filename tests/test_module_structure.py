@@ -79,7 +79,7 @@ def test_find_cycle_names_the_circle():
 def test_the_graph_sees_package_and_function_level_imports():
   graph = _graph()
   assert 'pixssl_jax.data.views' in graph['pixssl_jax.data.pipeline']
-  assert 'pixssl_jax.losses' in graph['pixssl_jax.train.config_checks']
+  assert 'pixssl_jax.losses' in graph['pixssl_jax.objective.registry']
   assert 'pixssl_jax.losses.uncertainty' in graph['pixssl_jax.losses']
   tree = ast.parse('def f():\n  from pixssl_jax.data import views\n')
   assert _imported(tree, _modules()) == {'pixssl_jax.data.views'}

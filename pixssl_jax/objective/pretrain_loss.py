@@ -11,12 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixssl_jax.losses import l2_normalize
-from pixssl_jax.losses import WEIGHTING_FORMS
-from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.models.pixssl import PixSSLModel
 from pixssl_jax.objective import pixel_term
 from pixssl_jax.objective import registry
-from pixssl_jax.objective import restoration_term
 from pixssl_jax.objective.parts import TermInputs
 
 
@@ -26,9 +23,7 @@ def method_problems(method_cfg: ml_collections.ConfigDict) -> list[str]:
   nothing = registry.nothing_to_learn(method_cfg)
   if nothing:
     problems.append(nothing)
-  for field, choices in (('match', pixel_term.MATCH_MODES), ('weighting', WEIGHTING_FORMS),
-                         ('weighting_scale', WEIGHTING_SCALES),
-                         ('restoration_loss', restoration_term.RESTORATION_LOSSES)):
+  for field, choices in registry.METHOD_CHOICES.items():
     if field in method_cfg and method_cfg[field] not in choices:
       problems.append(f'config.method.{field}={method_cfg[field]!r}: choose one of {choices}.')
   return problems

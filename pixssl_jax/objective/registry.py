@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from pixssl_jax.losses import WEIGHTING_FORMS
+from pixssl_jax.losses import WEIGHTING_SCALES
 from pixssl_jax.objective import global_term
 from pixssl_jax.objective import pixel_term
 from pixssl_jax.objective import restoration_term
@@ -13,6 +15,14 @@ TERMS: tuple[Term, ...] = (spread_term.TERM, global_term.TERM, pixel_term.TERM,
 # Terms that give the backbone something to learn on their own: the spread terms only keep
 # the pixel projections apart and are no objective by themselves.
 OBJECTIVES = ('global', 'pixel', 'restoration')
+# The `method` fields that name a form, with the forms the terms implement (config_checks
+# reads the same table).
+METHOD_CHOICES: dict[str, tuple[str, ...]] = {
+    'match': pixel_term.MATCH_MODES,
+    'weighting': WEIGHTING_FORMS,
+    'weighting_scale': WEIGHTING_SCALES,
+    'restoration_loss': restoration_term.RESTORATION_LOSSES,
+}
 
 
 def enabled_terms(method_cfg: ml_collections.ConfigDict) -> tuple[Term, ...]:

@@ -16,11 +16,7 @@ import ml_collections
 from etils import epath
 
 from pixssl_jax.data import default_dataset
-from pixssl_jax.losses import WEIGHTING_FORMS
-from pixssl_jax.losses import WEIGHTING_SCALES
-from pixssl_jax.objective import pixel_term
 from pixssl_jax.objective import registry as loss_terms
-from pixssl_jax.objective import restoration_term
 from pixssl_jax.models import layers
 from pixssl_jax.models import pixssl
 from pixssl_jax.rundir import config_io
@@ -118,8 +114,7 @@ FIELD_RANGES = {
     'model.head_dropout': _FRACTION,
     'model.layers': _choice(layers.NAMES),
     'method.mc_samples': _AT_LEAST_ONE,
-    'method.weighting': _choice(WEIGHTING_FORMS),
-    'method.weighting_scale': _choice(WEIGHTING_SCALES),
+    **{f'method.{field}': _choice(forms) for field, forms in loss_terms.METHOD_CHOICES.items()},
     'method.tau': _POSITIVE,
     'method.tau_absolute': _POSITIVE,
     'method.threshold_keep_start': _number(0.0, 1.0, lo_open=True),
@@ -133,8 +128,6 @@ FIELD_RANGES = {
     'method.lambda_covariance': _NON_NEGATIVE,
     'method.lambda_calibration': _NON_NEGATIVE,
     'method.lambda_restoration': _NON_NEGATIVE,
-    'method.restoration_loss': _choice(restoration_term.RESTORATION_LOSSES),
-    'method.match': _choice(pixel_term.MATCH_MODES),
     'method.match_distance': _POSITIVE,
     'optim.name': _choice(OPTIMIZERS),
     'optim.learning_rate': _POSITIVE,
