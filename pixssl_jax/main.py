@@ -120,10 +120,11 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from pixssl_jax import paths
   from pixssl_jax import workdir_lock
+  from pixssl_jax.rundir import orbax_noise
   from pixssl_jax.train import config_checks
   from pixssl_jax.train import save_errors
   # pylint: enable=g-import-not-at-top
-  save_errors.quiet_abandoned_orbax_work()
+  orbax_noise.quiet_abandoned_orbax_work()
   # Relative paths are taken from the current directory, here and in the config's path fields.
   workdir = paths.absolute(_WORKDIR.value)
   if jax.process_index() == 0:

@@ -42,6 +42,7 @@ from pixssl_jax.evaluation import export
 from pixssl_jax.evaluation import inference
 from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir import networks
+from pixssl_jax.rundir import orbax_noise
 from pixssl_jax.rundir import run_record
 
 LABELS_FILE = 'labels.json'
@@ -223,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (module docstring); returns the exit status."""
   args = _parser().parse_args(argv)
+  orbax_noise.quiet_abandoned_orbax_work()  # One error line for a damaged checkpoint.
   workdir, source, out_dir = (paths.absolute(p) for p in (args.workdir, args.input,
                                                            args.output))
   try:

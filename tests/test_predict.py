@@ -22,7 +22,7 @@ from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir import networks
 from pixssl_jax.train import finetune
 from pixssl_jax.train import pretrain
-from tests.helpers import REPO, load_config
+from tests.helpers import damage, REPO, load_config
 
 
 @pytest.fixture(scope='module')
@@ -139,6 +139,29 @@ def test_uncertainty_and_probabilities_and_clear_refusals(finetuned, tmp_path, c
   assert errors[0].startswith(f'error: --workdir {tmp_path}: no config.json')
   assert 'the output folder holds the input scans' in errors[1]
   assert errors[2].startswith('error: checkpoint=99: no such checkpoint')
+
+
+def test_a_damaged_checkpoint_is_one_error_line_from_predict_and_evaluate(finetuned, tmp_path):
+  # A step named by number on the command line (`--config.eval.checkpoint=6`) is a step.
+  workdir, store, _ = finetuned
+  copy, inputs = tmp_path / 'run', tmp_path / 'in'
+  shutil.copytree(workdir, copy)
+  inputs.mkdir()
+  _scans(store, inputs)
+  step = max(int(p.name) for p in (copy / 'checkpoints').iterdir() if p.name.isdigit())
+  damage(copy / 'checkpoints' / str(step), 'truncated_data')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  for command in (['pixssl_jax.predict', '--workdir', str(copy), '-i', str(inputs / 'ras.nii.gz'),
+                   '-o', str(tmp_path / 'out'), '--checkpoint', str(step)],
+                  ['pixssl_jax.evaluation.evaluate', '--workdir', str(copy),
+                   f'--config.eval.checkpoint={step}']):
+    done = subprocess.run(['timeout', '-s', 'KILL', '300', sys.executable, '-m', *command],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith('error: ') and f'step {step}' in lines[0], lines[0]
+  assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])

@@ -38,6 +38,7 @@ from pixssl_jax.evaluation import metrics as metrics_lib
 from pixssl_jax.rundir import checkpoints
 from pixssl_jax.rundir import config_io
 from pixssl_jax.rundir import networks
+from pixssl_jax.rundir import orbax_noise
 from pixssl_jax.rundir import run_record
 
 FINETUNE_MODES = ('finetune', 'evaluate')
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
                                    description=main.__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
   args, rest = parser.parse_known_args(argv)
+  orbax_noise.quiet_abandoned_orbax_work()  # One error line for a damaged checkpoint.
   try:
     evaluate(None, args.workdir, overrides=config_io.parse_overrides(rest))
   except config_io.ConfigError as e:

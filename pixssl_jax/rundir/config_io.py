@@ -129,6 +129,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     old = node[leaf]
     if isinstance(old, list) and isinstance(value, tuple):
       value = list(value)
+    if isinstance(old, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+      value = str(value)  # `--config.eval.checkpoint=6` reads as a number; the field is text.
     try:
       node[leaf] = value
     except TypeError as e:

@@ -11,12 +11,12 @@ thread is left to write at interpreter shutdown.
 import logging
 import os
 import re
-import sys
-import warnings
 import weakref
 
 import orbax.checkpoint as ocp
 from etils import epath
+
+from pixssl_jax.rundir import orbax_noise
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
 _TMP_STEP = re.compile(r'/(\d+)' + re.escape(_TMP_MARK))
@@ -43,15 +43,6 @@ class _QuietSaveThreadErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR
                 and f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in record.pathname)
-
-
-class _QuietUnretrievedWrites(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" records (`quiet_abandoned_orbax_work`):
-  after a failed save or restore the other arrays' futures failed the same way, and no one
-  awaits them after the first failure, so they log it when they are collected."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'exception was never retrieved' not in record.getMessage()
 
 
 def quiet_orbax_save_logs() -> None:
@@ -121,31 +112,6 @@ def _close_quietly(manager: ocp.CheckpointManager) -> None:
     pass
 
 
-def _drop_orbax_coroutines(unraisable) -> None:
-  """`sys.unraisablehook` without Orbax's abandoned coroutines; others reported as usual."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
-    return
-  sys.__unraisablehook__(unraisable)
-
-
-def quiet_abandoned_orbax_work() -> None:
-  """Silences what Orbax's abandoned concurrent reads and writes print when collected.
-
-  When one array of a checkpoint fails to restore (a refused resume, a damaged step) or to
-  save, Orbax's sibling coroutines and futures are left unawaited, and Python reports each
-  (a traceback per array, "was never awaited", "exception was never retrieved") whenever it
-  collects them, before or after the one `error:` line that already names the checkpoint and
-  the reason. The run's own code awaits nothing, so only Orbax's are dropped.
-  """
-  if sys.unraisablehook is _drop_orbax_coroutines:
-    return  # Installed already (main, then a failed save): the filters would pile up.
-  sys.unraisablehook = _drop_orbax_coroutines
-  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
-                          category=RuntimeWarning)
-  logging.getLogger('asyncio').addFilter(_QuietUnretrievedWrites())
-
-
 def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
   """The `SaveError` for `error`, raised by a save of `step` or a wait after it.
 
@@ -153,7 +119,7 @@ def failure(manager: ocp.CheckpointManager, step: int, error: BaseException) -> 
   intact on disk, for the line.
   """
   _failed.add(manager)
-  quiet_abandoned_orbax_work()  # Also where a library caller saves without `main`.
+  orbax_noise.quiet_abandoned_orbax_work()  # Also a library caller saving without `main`.
   _close_quietly(manager)  # First: a save still in flight finishes or fails for good.
   failed = _failed_step(error, manager, step)
   directory = epath.Path(manager.directory)
