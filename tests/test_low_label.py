@@ -361,3 +361,28 @@ def test_fine_tuning_lengths_pick_by_validation_and_pair_at_each_length():
   assert picked['full']['steps_to_baseline_best'] == 1000  # Scratch's best test Dice: 0.71.
   text = lengths.markdown(result)
   assert '| full | 250 | 50.00 | 66.00 | +15.00' in text
+
+
+def test_one_recipe_is_adopted_for_every_arm_by_mean_validation_dice():
+  from benchmarks import low_label_recipe as recipe
+  runs = []
+  for f in (0, 1):
+    # Today's recipe: each arm's validation picks its own length (full: 250).
+    runs += [_length_record('scratch', 1000, f, 0.60, 0.70),
+             _length_record('full', 250, f, 0.90, 0.72, 0),
+             _length_record('full', 1000, f, 0.50, 0.66, 0)]
+    # aug: better on validation on average, worse on test (test never chooses).
+    runs += [_length_record('scratch_aug', 1000, f, 0.10, 0.74),
+             _length_record('full_aug', 1000, f, 0.10, 0.73, 0)]
+    # lpft: the best validation Dice, but one arm is missing: not adopted.
+    runs += [_length_record('scratch_lpft', 1000, f, 0.90, 0.99)]
+  rows = recipe.scores(runs, ['scratch', 'full'], ['aug', 'lpft'], '1')
+  by = {row['recipe']: row for row in rows}
+  assert by['crops']['arms']['full'] == {'steps': 250, 'val_dice': 0.72, 'runs': 2}
+  assert by['crops']['score'] == pytest.approx(0.71)
+  assert by['aug']['score'] == pytest.approx(0.735) and by['lpft']['score'] is None
+  assert recipe.adopted(rows) == 'aug'
+  assert recipe.split_arm('restoration_l2sp', ['l2sp']) == ('restoration', 'l2sp')
+  assert recipe.split_arm('full_hard', ['aug']) == ('full_hard', 'crops')
+  assert '| aug | 74.00 @ 1000 (2 runs) | 73.00 @ 1000 (2 runs) | 73.50 |' in recipe.markdown(
+      rows, ['scratch', 'full'])
