@@ -231,7 +231,7 @@ run gcloud compute tpus tpu-vm scp "${TARBALL}" "${NAME}:pixssl_jax_code.tar.gz"
 
 # Unpack next to the old copy and swap, refusing while a job still runs from it.
 setup_sh="set -eu; ${REMOTE_ROOT_SH}"
-setup_sh+="; if ${JOB_ALIVE_SH}; then echo \"pixssl_jax is still running on \$(hostname); stop it with --stop first\" >&2; exit 1; fi"
+setup_sh+="; if ${JOB_ALIVE_SH}; then echo \"pixssl_jax is still running on \$(hostname); stop it with --stop first\" >&2; exit 2; fi"
 setup_sh+="; mkdir -p \"\$R/logs\"; rm -rf \"\$R/code.new\"; mkdir -p \"\$R/code.new\""
 setup_sh+="; tar -xzf \"\$HOME/pixssl_jax_code.tar.gz\" -C \"\$R/code.new\""
 setup_sh+="; rm -rf \"\$R/code\"; mv \"\$R/code.new\" \"\$R/code\"; rm -f \"\$HOME/pixssl_jax_code.tar.gz\""
@@ -243,7 +243,7 @@ if (( ${#MAIN_ARGS[@]} > 0 )); then
   main_cmd+=" $(quote "${MAIN_ARGS[@]}")"
 fi
 run_sh="set -eu; ${REMOTE_ROOT_SH}"
-run_sh+="; if ${JOB_ALIVE_SH}; then echo \"pixssl_jax is already running on \$(hostname)\" >&2; exit 1; fi"
+run_sh+="; if ${JOB_ALIVE_SH}; then echo \"pixssl_jax is already running on \$(hostname)\" >&2; exit 2; fi"
 run_sh+="; cd \"\$R/code\""
 run_sh+="; echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) launch of ${CODE_VERSION} on \$(hostname) ===\" >> \"\$R/logs/train.log\""
 # stdin/stdout/stderr are all redirected so that ssh returns at once.

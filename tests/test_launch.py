@@ -272,7 +272,7 @@ def test_tpu_pod_on_a_simulated_worker_starts_reports_refuses_and_stops(fake, tm
 
     assert _run('tpu_pod.sh', *pod, '--status', env=env).stdout.strip() == 'running'
     again = _run('tpu_pod.sh', *pod, '--config', CONFIG, '--workdir', 'gs://b/run',
-                 '--worktree', env=env, check_rc=1)
+                 '--worktree', env=env, check_rc=2)  # Refused, as a locked workdir.
     assert 'still running' in again.stderr
     assert int(pid_file.read_text()) == pid
 
