@@ -15,6 +15,7 @@ from pixssl_jax import config_files
 from pixssl_jax import export_weights
 from pixssl_jax import predict
 from pixssl_jax import weights_file
+from pixssl_jax import workdir_lock
 from pixssl_jax.data import case_store
 from pixssl_jax.evaluation import evaluate
 from pixssl_jax.evaluation import inference
@@ -162,6 +163,14 @@ def test_a_damaged_checkpoint_is_one_error_line_from_predict_and_evaluate(finetu
     assert len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith('error: ') and f'step {step}' in lines[0], lines[0]
   assert not (tmp_path / 'out').exists()
+
+
+def test_evaluate_command_refuses_a_run_another_job_holds(finetuned, capsys):
+  workdir, _, _ = finetuned
+  with workdir_lock.held(str(workdir)):
+    assert evaluate.main(['--workdir', str(workdir)]) == 2
+  assert f'error: --workdir {workdir} is in use by another run' in capsys.readouterr().err
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from pixssl_jax import config_files
 from pixssl_jax import paths
+from pixssl_jax import workdir_lock
 from pixssl_jax.data import case_store
 from pixssl_jax.data import pipeline
 from pixssl_jax.evaluation import export
@@ -202,9 +203,12 @@ def main(argv=None) -> int:
   parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
   args, rest = parser.parse_known_args(argv)
   orbax_noise.quiet_abandoned_orbax_work()  # One error line for a damaged checkpoint.
+  workdir = paths.absolute(args.workdir)
   try:
-    evaluate(None, args.workdir, overrides=config_io.parse_overrides(rest))
-  except config_io.ConfigError as e:
+    # It writes predictions and metrics into the run: one writer at a time, as under `main`.
+    with workdir_lock.held(workdir):
+      evaluate(None, workdir, overrides=config_io.parse_overrides(rest))
+  except (config_io.ConfigError, workdir_lock.WorkdirLocked) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
