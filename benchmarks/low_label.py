@@ -47,6 +47,7 @@ import time
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from absl import logging
 
 # Runnable as `python benchmarks/low_label.py` from anywhere, without PYTHONPATH.
@@ -390,6 +391,7 @@ class Benchmark:
     described, train_ids = finetune.label_split(
         self.store, config.label_fraction, config.seed, count=config.label_count)
     result = {**job, **metrics_lib.mean_scores(summary), 'val_dice': final_val_dice(workdir),
+              'backbone_moved': final_backbone_moved(workdir),
               'labelled': {'described': described, 'cases': train_ids,
                            'slices': config.label_slices},
               'cases': stats.case_means(rows), 'organs': stats.organ_means(rows),
@@ -401,14 +403,30 @@ class Benchmark:
     return result
 
 
+def _logged(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / 'metrics.jsonl'
+  return list(map(json.loads, path.read_text().splitlines())) if path.exists() else []
+
+
 def final_val_dice(workdir: pathlib.Path) -> float | None:
   """The last validation Dice a fine-tuning logged (the selection score: val, not test)."""
-  path = workdir / 'metrics.jsonl'
-  if not path.exists():
-    return None
-  values = [row['val/dice'] for row in map(json.loads, path.read_text().splitlines())
-            if 'val/dice' in row]
+  values = [row['val/dice'] for row in _logged(workdir) if 'val/dice' in row]
   return values[-1] if values else None
+
+
+def final_backbone_moved(workdir: pathlib.Path) -> float | None:
+  """How far fine-tuning moved the backbone from its start (relative L2), at the last step."""
+  values = [row['val/backbone_moved'] for row in _logged(workdir) if 'val/backbone_moved' in row]
+  return values[-1] if values else None
+
+
+def loss_plateau(workdir: pathlib.Path) -> dict[str, float]:
+  """Each pre-training loss the run optimised, averaged over its last quarter of logged steps."""
+  rows = [row for row in _logged(workdir) if 'train/loss' in row]
+  last = rows[len(rows) - max(1, len(rows) // 4):]
+  names = [k for k in (last[0] if last else {}) if k.startswith('train/loss_')]
+  means = {k.removeprefix('train/'): float(np.mean([row[k] for row in last])) for k in names}
+  return {k: v for k, v in means.items() if v != 0.0}  # A term that is off logs 0.
 
 
 def _cpu_seconds() -> float:
@@ -563,13 +581,14 @@ def main(argv=None):
     print(f'Note: {note}', flush=True)
   inner = (lambda line: print('    ' + line, flush=True)) if args.verbose else (lambda line: None)
   timed: dict[str, list[float]] = {}
-  results = []
+  results, plateaus = [], []
   for i, job in enumerate(jobs):
     path = bench.result_path(job)
     if path.exists():
       result = json.loads(path.read_text())
-      if job['kind'] == 'finetune' and 'val_dice' not in result:  # Scored before it was kept.
-        result['val_dice'] = final_val_dice(bench.job_dir(job) / 'run')
+      if job['kind'] == 'finetune':  # Read again: results scored before these were kept.
+        result.setdefault('val_dice', final_val_dice(bench.job_dir(job) / 'run'))
+        result.setdefault('backbone_moved', final_backbone_moved(bench.job_dir(job) / 'run'))
       note = 'done before, skipped'
     elif args.report_only:
       print(f'[{i + 1}/{len(jobs)}] {job_name(job)}: not run (--report_only)', flush=True)
@@ -578,7 +597,10 @@ def main(argv=None):
       result = bench.run(job, inner)
       timed.setdefault(job['kind'], []).append(result['seconds'])
       note = f'{result["seconds"]:.0f} s, CPU {result["cpu_seconds"]:.0f} s'
-    if job['kind'] != 'pretrain':
+    if job['kind'] == 'pretrain':
+      plateaus.append({'arm': job['arm'], 'pretrain_seed': job['pretrain_seed'],
+                       'losses': loss_plateau(bench.job_dir(job))})
+    else:
       note = f'test Dice {100 * result["dice"]:.2f}%, HD95 {result["hd95"]:.1f} mm ({note})'
       results.append(result)
     left = stats.estimate_remaining(jobs[i + 1:], timed)
@@ -587,6 +609,7 @@ def main(argv=None):
           f'{"?" if left is None else stats.format_seconds(left)}', flush=True)
 
   report = aggregate(bench, results, time.perf_counter() - start)
+  report['pretrain_losses'] = plateaus
   text = stats.report_markdown(report)
   (out / 'results.json').write_text(json.dumps(report, indent=1))
   (out / 'results.md').write_text(text)

@@ -164,9 +164,11 @@ def summarize_group(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   The range is over runs (every pre-training and fine-tuning seed): the spread the plot shows.
   `val_dice_mean` is the mean of the runs' final validation Dice (None where not logged): the
   score a choice between arms may use, since choosing on the test Dice would tune on it.
+  `moved_mean`: how far fine-tuning moved the backbone from its start (relative L2, mean).
   """
   dice = [run_mean(r, 'dice') for r in runs]
   val = [r['val_dice'] for r in runs if r.get('val_dice') is not None]
+  moved = [r['backbone_moved'] for r in runs if r.get('backbone_moved') is not None]
   hd = [run_mean(r, 'hd95') for r in runs]
   organs: dict[str, dict[str, list[float]]] = {}
   for r in runs:
@@ -178,6 +180,7 @@ def summarize_group(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
           'dice_min': float(np.min(dice)), 'dice_max': float(np.max(dice)),
           'hd95_mean': float(np.mean(hd)), 'hd95_std': float(np.std(hd)),
           'val_dice_mean': float(np.mean(val)) if len(val) == len(runs) else None,
+          'moved_mean': float(np.mean(moved)) if len(moved) == len(runs) else None,
           'organs': {name: {k: float(np.mean(v)) for k, v in acc.items()}
                      for name, acc in organs.items()}}
 
@@ -234,13 +237,25 @@ def _pct(x: float) -> str:
 def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table: mean test Dice (seed range) and HD95 per arm and budget."""
   lines = ['| arm | budget | runs | test Dice % mean ± std | seed range | HD95 mm mean ± std '
-           '| val Dice % |', '| --- | --- | --- | --- | --- | --- | --- |']
+           '| val Dice % | backbone moved |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
-    val = r.get('val_dice_mean')
+    val, moved = r.get('val_dice_mean'), r.get('moved_mean')
     lines.append(f"| {r['arm']} | {r['budget']} | {r['runs']} | {_pct(r['dice_mean'])} ± "
                  f"{_pct(r['dice_std'])} | {_pct(r['dice_min'])} - {_pct(r['dice_max'])} | "
                  f"{r['hd95_mean']:.1f} ± {r['hd95_std']:.1f} | "
-                 f"{'-' if val is None else _pct(val)} |")
+                 f"{'-' if val is None else _pct(val)} | "
+                 f"{'-' if moved is None else f'{moved:.3f}'} |")
+  return '\n'.join(lines)
+
+
+def markdown_pretrain_losses(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Table: each pre-training's losses on their plateau (the last quarter of logged steps)."""
+  names = list(dict.fromkeys(k for r in rows for k in r['losses']))
+  lines = ['| arm | pre-training seed | ' + ' | '.join(names) + ' |',
+           '| --- ' * (len(names) + 2) + '|']
+  for r in rows:
+    cells = [f"{r['losses'][k]:.4f}" if k in r['losses'] else '-' for k in names]
+    lines.append(f"| {r['arm']} | {r['pretrain_seed']} | " + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -402,6 +417,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
       markdown_paired([r for r in report['paired'] if r['metric'] == 'dice']), '',
       '## Per organ: Dice % / HD95 mm', '',
       markdown_organs(report['summary']), '']
+  if report.get('pretrain_losses'):
+    lines += ['## Pre-training losses on their plateau (mean of the last quarter of logged '
+              'steps; a term that is off is left out)', '',
+              markdown_pretrain_losses(report['pretrain_losses']), '']
   if report['probe']:
     lines += ['## Linear probe of the frozen features, by pre-training length', '',
               f"Budget {report['probe'][0]['budget']}, {s['probe_steps']} probe steps.", '',

@@ -315,7 +315,13 @@ def test_quick_run_end_to_end_in_2d(tiny_store, tmp_path):
   assert [r['step'] for r in report['probe']] == [2, 4]
   for run in report['runs']:
     assert 0.0 <= run['dice'] <= 1.0 and run['organs'] and run['labelled']['cases']
+    # Fine-tuning moves every arm's backbone from its start; a probe's stays frozen.
+    assert (run['backbone_moved'] > 0.0) == (run['kind'] == 'finetune'), run['kind']
+  [plateau] = report['pretrain_losses']
+  assert plateau['arm'] == 'full' and {'loss_global', 'loss_pixel'} <= set(plateau['losses'])
+  assert 'loss_restoration' not in plateau['losses']  # Off in `full`.
   table = (out / 'results.md').read_text()
+  assert '| backbone moved |' in table and '## Pre-training losses on their plateau' in table
   assert '| scratch | 1 | 1 |' in table and 'bootstrap' in table
   assert (out / 'dice_vs_budget.png').stat().st_size > 1000
   # Run again with one more arm and --report_only: the finished runs are skipped and reported,
@@ -330,6 +336,16 @@ def test_quick_run_end_to_end_in_2d(tiny_store, tmp_path):
   assert not (out / 'pretrain' / 'global_only_p0').exists()
   report = json.loads((out / 'results.json').read_text())
   assert [r['arm'] for r in report['summary']] == ['scratch', 'full']
+
+
+def test_loss_plateau_is_the_last_quarter_of_logged_steps(tmp_path):
+  from benchmarks import low_label
+  rows = [{'step': 10 * i, 'train/loss': 1.0, 'train/loss_pixel': float(i),
+           'train/loss_restoration': 0.0} for i in range(1, 9)]
+  rows.insert(3, {'step': 35, 'val/dice': 0.5})  # Not a training row.
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert low_label.loss_plateau(tmp_path) == {'loss_pixel': 7.5}  # Steps 70 and 80.
+  assert low_label.loss_plateau(tmp_path / 'missing') == {}
 
 
 def _length_record(arm, steps, fseed, dice, val, pseed=None):
