@@ -165,12 +165,19 @@ def test_a_damaged_checkpoint_is_one_error_line_from_predict_and_evaluate(finetu
   assert not (tmp_path / 'out').exists()
 
 
-def test_evaluate_command_refuses_a_run_another_job_holds(finetuned, capsys):
+def test_evaluate_command_refuses_a_held_run_and_bad_overrides(finetuned, capsys):
   workdir, _, _ = finetuned
   with workdir_lock.held(str(workdir)):
     assert evaluate.main(['--workdir', str(workdir)]) == 2
   assert f'error: --workdir {workdir} is in use by another run' in capsys.readouterr().err
   assert not (workdir / workdir_lock.LOCK_NAME).exists()
+  # Overrides parse as their fields' types, as pixssl-train's do, and name what is wrong.
+  assert evaluate.main(['--workdir', str(workdir), '--config.eval.batch_size=many']) == 2
+  assert evaluate.main(['--workdir', str(workdir), '--config.eval.batch_sise=8']) == 2
+  errors = capsys.readouterr().err.splitlines()
+  assert errors[0].startswith('error: --config.eval.batch_size=many: cannot be parsed')
+  assert errors[1].startswith('error: --config.eval.batch_sise: no such field')
+  assert 'closest: config.eval.batch_size' in errors[1]
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.npz'])

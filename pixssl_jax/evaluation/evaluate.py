@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -29,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from pixssl_jax import config_files
+from pixssl_jax import config_loading
 from pixssl_jax import paths
 from pixssl_jax import workdir_lock
 from pixssl_jax.data import case_store
@@ -69,7 +71,8 @@ def _preset_defaults(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 
 def run_config(workdir: str, config: ml_collections.ConfigDict | None = None,
-               overrides: dict | None = None) -> ml_collections.ConfigDict:
+               overrides: dict | None = None,
+               command_line: Sequence[tuple[str, str | None]] = ()) -> ml_collections.ConfigDict:
   """The config an evaluation of `workdir` uses: the run's own, with the stated fields on top.
 
   Args:
@@ -78,6 +81,8 @@ def run_config(workdir: str, config: ml_collections.ConfigDict | None = None,
       fields where it differs from its preset are taken as stated; the others come from the
       run's `config.json`, so fine-tuning overrides need not be repeated.
     overrides: dotted fields to set, instead of those derived from `config`.
+    command_line: `--config.FIELD=VALUE` pairs as typed (`config_loading.split_overrides`),
+      each parsed as its field's own type, as `main` parses them, after `overrides`.
 
   Returns:
     The merged config with mode 'evaluate'; `config` itself where the workdir holds no
@@ -99,12 +104,15 @@ def run_config(workdir: str, config: ml_collections.ConfigDict | None = None,
                                                                   _preset_defaults(config))
   overrides = {k: v for k, v in overrides.items() if k not in ('mode', 'preset')}
   merged = config_io.apply_overrides(written, overrides)
+  for field, raw in command_line:
+    config_loading.apply_override(merged, field, raw)
   merged.mode = 'evaluate'
   return merged
 
 
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str, print_fn=print,
-             overrides: dict | None = None) -> list[dict]:
+             overrides: dict | None = None,
+             command_line: Sequence[tuple[str, str | None]] = ()) -> list[dict]:
   """`--config.mode=evaluate`: predictions, NIfTI export and metrics of `config.eval.split`.
 
   The run's own `config.json` gives every field not stated (`run_config`).
@@ -114,7 +122,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, print_fn=pr
     `WORKDIR/metrics.csv`, `WORKDIR/metrics.json` and `WORKDIR/predictions/`.
   """
   workdir = paths.absolute(workdir)
-  config = paths.with_absolute_paths(run_config(workdir, config, overrides))
+  config = paths.with_absolute_paths(run_config(workdir, config, overrides, command_line))
   problems = config_io.eval_problems(config)
   if problems:
     raise config_io.ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
@@ -191,24 +199,27 @@ def _gather_rows(rows: list[dict], grids: set, workdir: str) -> tuple[list[dict]
   return all_rows, all_grids
 
 
-
 def main(argv=None) -> int:
   """`python -m pixssl_jax.evaluation.evaluate --workdir RUN [--config.FIELD=VALUE ...]`.
 
-  Evaluates a fine-tuning run with its own config; each `--config.FIELD=VALUE` (a Python
-  literal or a bare string) overrides one field. Returns the exit status (2: config error).
+  Evaluates a fine-tuning run with its own config; each `--config.FIELD=VALUE` overrides one
+  field, parsed as that field's own type (as `pixssl-train` parses it). Returns the exit status
+  (2: a config error or a workdir another job holds).
   """
   parser = argparse.ArgumentParser(prog='pixssl-evaluate',
                                    description=main.__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='a fine-tuning run directory')
-  args, rest = parser.parse_known_args(argv)
+  rest, command_line = config_loading.split_overrides(
+      list(sys.argv[1:] if argv is None else argv))
+  args = parser.parse_args(rest)
   orbax_noise.quiet_abandoned_orbax_work()  # One error line for a damaged checkpoint.
   workdir = paths.absolute(args.workdir)
   try:
     # It writes predictions and metrics into the run: one writer at a time, as under `main`.
     with workdir_lock.held(workdir):
-      evaluate(None, workdir, overrides=config_io.parse_overrides(rest))
-  except (config_io.ConfigError, workdir_lock.WorkdirLocked) as e:
+      evaluate(None, workdir, command_line=command_line)
+  except (config_io.ConfigError, config_loading.ConfigLoadError,
+          workdir_lock.WorkdirLocked) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

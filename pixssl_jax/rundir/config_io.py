@@ -5,7 +5,6 @@ Jobs that read a run (evaluation, prediction, export, a fine-tuning from it) sta
 record, upgraded to today's fields (`config_upgrade`), and apply only what the user states.
 """
 
-import ast
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -129,31 +128,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     old = node[leaf]
     if isinstance(old, list) and isinstance(value, tuple):
       value = list(value)
-    if isinstance(old, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
-      value = str(value)  # `--config.eval.checkpoint=6` reads as a number; the field is text.
     try:
       node[leaf] = value
     except TypeError as e:
       raise ConfigError(f'config.{path}={value!r}: {e}') from None
   return config
-
-
-def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-  """`['--config.eval.split=val', ...]` -> `{'eval.split': 'val'}`; values as Python literals.
-
-  A value that is not a literal (`val`, `/data/store`) is kept as the string it is.
-  """
-  out = {}
-  for token in tokens:
-    if not token.startswith('--config.') or '=' not in token:
-      raise ConfigError(f'{token!r}: overrides are written --config.FIELD=VALUE')
-    path, _, text = token[len('--config.'):].partition('=')
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    out[path] = value
-  return out
 
 
 def eval_problems(config: ml_collections.ConfigDict) -> list[str]:
