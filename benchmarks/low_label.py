@@ -17,9 +17,11 @@ is within 2, within 4); `all` = train_100; `sK` = K axial slices of one labelled
 evenly spaced over its labelled z-range (2-D only: a 3-D crop would see the unlabelled slices
 between them as background).
 
-Writes OUT/results.json (settings, per-arm summaries, paired differences against scratch, and
-of each pre-trained arm against full, with 95% bootstrap intervals over volumes and seeds,
-per-organ Dice and HD95, the probes, every run), OUT/results.md (the same as Markdown tables) and OUT/dice_vs_budget.png. Each run keeps
+Writes OUT/results.json (settings, per-arm summaries with the validation Dice and how far
+fine-tuning moved the backbone, paired differences against scratch, and of each pre-trained arm
+against full, with 95% bootstrap intervals over volumes and seeds, per-organ Dice and HD95, each
+pre-training's losses on their plateau, the probes, every run), OUT/results.md (the same as
+Markdown tables) and OUT/dice_vs_budget.png. Each run keeps
 its `result.json` (and the evaluation's `metrics.json`) in its folder; finished runs are
 skipped when the command is repeated with the same --out, so an interrupted benchmark resumes
 and more arms, budgets or seeds can be added later; `--report_only` runs nothing and reports
