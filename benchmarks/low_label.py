@@ -392,8 +392,7 @@ class Benchmark:
     rows = json.loads((workdir / 'metrics.json').read_text())['cases']
     described, train_ids = finetune.label_split(
         self.store, config.label_fraction, config.seed, count=config.label_count)
-    result = {**job, **metrics_lib.mean_scores(summary), 'val_dice': final_val_dice(workdir),
-              'backbone_moved': final_backbone_moved(workdir),
+    result = {**job, **metrics_lib.mean_scores(summary), **final_validation(workdir),
               'labelled': {'described': described, 'cases': train_ids,
                            'slices': config.label_slices},
               'cases': stats.case_means(rows), 'organs': stats.organ_means(rows),
@@ -410,16 +409,12 @@ def _logged(workdir: pathlib.Path) -> list[dict]:
   return list(map(json.loads, path.read_text().splitlines())) if path.exists() else []
 
 
-def final_val_dice(workdir: pathlib.Path) -> float | None:
-  """The last validation Dice a fine-tuning logged (the selection score: val, not test)."""
-  values = [row['val/dice'] for row in _logged(workdir) if 'val/dice' in row]
-  return values[-1] if values else None
-
-
-def final_backbone_moved(workdir: pathlib.Path) -> float | None:
-  """How far fine-tuning moved the backbone from its start (relative L2), at the last step."""
-  values = [row['val/backbone_moved'] for row in _logged(workdir) if 'val/backbone_moved' in row]
-  return values[-1] if values else None
+def final_validation(workdir: pathlib.Path) -> dict[str, float | None]:
+  """A fine-tuning's last validation Dice (the selection score: val, not test) and how far it
+  had moved the backbone from its start (relative L2); None where not logged."""
+  rows = _logged(workdir)
+  last = lambda key: next((row[key] for row in reversed(rows) if key in row), None)
+  return {'val_dice': last('val/dice'), 'backbone_moved': last('val/backbone_moved')}
 
 
 def loss_plateau(workdir: pathlib.Path) -> dict[str, float]:
@@ -589,8 +584,7 @@ def main(argv=None):
     if path.exists():
       result = json.loads(path.read_text())
       if job['kind'] == 'finetune':  # Read again: results scored before these were kept.
-        result.setdefault('val_dice', final_val_dice(bench.job_dir(job) / 'run'))
-        result.setdefault('backbone_moved', final_backbone_moved(bench.job_dir(job) / 'run'))
+        result = {**final_validation(bench.job_dir(job) / 'run'), **result}
       note = 'done before, skipped'
     elif args.report_only:
       print(f'[{i + 1}/{len(jobs)}] {job_name(job)}: not run (--report_only)', flush=True)
