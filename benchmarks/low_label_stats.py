@@ -248,15 +248,20 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A Markdown table of `header` and `rows` (cells already formatted)."""
+  lines = ['| ' + ' | '.join(header) + ' |', '| ' + ' | '.join('---' for _ in header) + ' |']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
 def markdown_pretrain_losses(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table: each pre-training's losses on their plateau (the last quarter of logged steps)."""
   names = list(dict.fromkeys(k for r in rows for k in r['losses']))
-  lines = ['| arm | pre-training seed | ' + ' | '.join(names) + ' |',
-           '| --- ' * (len(names) + 2) + '|']
-  for r in rows:
-    cells = [f"{r['losses'][k]:.4f}" if k in r['losses'] else '-' for k in names]
-    lines.append(f"| {r['arm']} | {r['pretrain_seed']} | " + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+  return _table(['arm', 'pre-training seed', *names],
+                [[r['arm'], r['pretrain_seed'],
+                  *(f"{r['losses'][k]:.4f}" if k in r['losses'] else '-' for k in names)]
+                 for r in rows])
 
 
 def markdown_paired(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -275,15 +280,10 @@ def markdown_paired(rows: Sequence[Mapping[str, Any]]) -> str:
 def markdown_organs(rows: Sequence[Mapping[str, Any]]) -> str:
   """Table: per-organ Dice % / HD95 mm per arm and budget (mean over runs and cases)."""
   organs = list(dict.fromkeys(name for r in rows for name in r['organs']))
-  lines = ['| arm | budget | ' + ' | '.join(organs) + ' |',
-           '| --- | --- | ' + ' | '.join('---' for _ in organs) + ' |']
-  for r in rows:
-    cells = []
-    for name in organs:
-      m = r['organs'].get(name)
-      cells.append('' if m is None else f"{_pct(m['dice'])} / {m['hd95']:.1f}")
-    lines.append(f"| {r['arm']} | {r['budget']} | " + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+  cell = lambda m: '' if m is None else f"{_pct(m['dice'])} / {m['hd95']:.1f}"
+  return _table(['arm', 'budget', *organs],
+                [[r['arm'], r['budget'], *(cell(r['organs'].get(n)) for n in organs)]
+                 for r in rows])
 
 
 def markdown_probe(rows: Sequence[Mapping[str, Any]]) -> str:
