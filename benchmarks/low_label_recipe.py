@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import low_label_lengths as lengths  # noqa: E402
+from benchmarks.low_label import RECIPES  # noqa: E402
 
 TODAY = 'crops'  # Today's fine-tuning: random crops only.
 
@@ -82,7 +83,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('folders', nargs='+', help='low_label.py --out folders')
   parser.add_argument('--bases', default='scratch,full,restoration')
-  parser.add_argument('--recipes', default='aug,lpft,l2sp,decay',
+  parser.add_argument('--recipes', default=','.join(RECIPES),
                       help="recipe suffixes of low_label.py's arms")
   parser.add_argument('--budget', default='1')
   parser.add_argument('--arms_only', action='store_true',
